@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call: prepare the shared corpus (if not already there), then the throughput and eval
+# benchmarks for several attention variants. Results go to $OUT/bench.txt.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+[ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
+  python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
+    --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null
+export DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-196608}
+for variant in "$@"; do
+  echo "=== $variant" | tee -a $OUT/bench.txt
+  extra=""; [[ "$variant" == *PROFILE=1* ]] && extra=--profile
+  env $variant timeout 300 python3 bench/bench_train.py --steps 15 --label "$variant" $extra 2>&1 | grep -v "^warmup\|^loop_warmup" | tee -a $OUT/bench.txt | tail -45
+done
+[ -n "${EVAL_BENCH:-}" ] && timeout 300 python3 bench/bench_eval.py --tokens 262144 2>&1 | tee -a $OUT/bench.txt | tail -3

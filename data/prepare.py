@@ -1,0 +1,749 @@
+"""Get token shards for train_gpt.py: download the challenge's SP8192 FineWeb shards, or make shards from
+your own text.
+
+  python data/prepare.py download                         # 128 train shards + val + tokenizer into ./data/
+  python data/prepare.py download --train-shards 10       # a prefix of the train shards (val is always whole)
+  python data/prepare.py download --mirror /path/to/copy  # from a local folder laid out like the HF repo
+
+  # the shared proxy corpus (train_gpt.py then runs with DATA_DIR=./data_corpus):
+  python data/prepare.py text --input ../shared/corpus/docs_train.jsonl.xz \\
+      --val-input ../shared/corpus/docs_val.jsonl.xz \\
+      --tokenizer ../shared/corpus/tokenizer/sp8192.model --out ./data_corpus
+
+  # your own text, with a tokenizer trained here with the challenge's SentencePiece settings:
+  python data/prepare.py text --input my_docs/ --val-docs 1000 --train-tokenizer --out ./data_mine
+
+Inputs of `text`: `.jsonl`, `.jsonl.gz`, `.jsonl.xz` (one JSON object per line with a "text" field; an
+optional "source" field can be selected with --source) and `.txt` (each file is one document). A folder
+stands for the supported files under it, in sorted order. Documents are written in input order, each as
+[BOS=1] + ids (no EOS); documents with no visible characters are skipped and counted.
+
+Output: OUT/datasets/fineweb10B_sp{V}/fineweb_{val,train}_NNNNNN.bin (challenge shard format),
+OUT/datasets/fineweb10B_sp{V}/manifest.json (counts, tokenizer hash and settings, the command) and
+OUT/tokenizers/fineweb_{V}_bpe.model. Errors print `error: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import struct
+import sys
+import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import sentencepiece as spm
+
+# The shard format lives in train_gpt.py: one definition for the writer and the reader.
+REPO_DIR = Path(__file__).resolve().parent.parent
+if str(REPO_DIR) not in sys.path:
+    sys.path.insert(0, str(REPO_DIR))
+from train_gpt import DataError, atomic_write_bytes, read_shard_header, write_shard  # noqa: E402
+
+DEFAULT_REPO_ID = "kevclark/parameter-golf"
+BOS_ID = 1
+MAX_VOCAB = 65536  # shards store uint16 ids
+
+# The challenge's SP8192 tokenizer settings (SPEC section 2); everything else is a SentencePiece default.
+CHALLENGE_TOKENIZER = {
+    "model_type": "bpe",
+    "vocab_size": 8192,
+    "character_coverage": 0.999,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "unk_id": 3,
+    "hard_vocab_limit": False,
+}
+MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length; longer lines are left out of training
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset / container CPU limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, a plain line every 10 s otherwise."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.every = 0.5 if self.tty else 10.0
+        self.last = time.monotonic()
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            sys.stderr.write(f"\r{text}\x1b[K" if self.tty else f"{text}\n")
+            sys.stderr.flush()
+
+    def done(self, text: str) -> None:
+        self.update(text, force=True)
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+# ================================================================================================
+# Tokenizer: load, train, read its settings
+# ================================================================================================
+
+
+@dataclass
+class Tokenizer:
+    proto: bytes  # the .model file's bytes
+    sp: spm.SentencePieceProcessor
+    source: str  # where it came from, for messages and the manifest
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.proto).hexdigest()
+
+
+def tokenizer_from_proto(proto: bytes, source: str) -> Tokenizer:
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+    except (RuntimeError, OSError, TypeError) as e:
+        raise DataError(f"{source} is not a SentencePiece model: {e}") from None
+    return Tokenizer(proto, sp, source)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        proto = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the tokenizer {path}: {e.strerror}") from None
+    return tokenizer_from_proto(proto, str(path))
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, object]]:
+    """(field number, value) pairs of a serialized protobuf message: varints as int, 32-bit fields as
+    float, length-delimited fields as bytes. Enough to read a SentencePiece model's specs without the
+    protobuf package (which sentencepiece_model_pb2 needs and this environment may lack)."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 5:
+            value, i = struct.unpack_from("<f", buf, i)[0], i + 4
+        elif wire == 2:
+            n, i = varint(i)
+            value, i = buf[i:i + n], i + n
+        else:
+            raise DataError(f"unsupported protobuf wire type {wire} in a tokenizer model")
+        yield number, value
+
+
+# Field numbers and proto2 defaults from sentencepiece_model.proto. Only fields set at training time are
+# serialized, so absent ones take these defaults.
+_TRAINER_SPEC = {3: ("model_type", 1), 4: ("vocab_size", 8000), 10: ("character_coverage", 0.9995),
+                 25: ("split_digits", False), 33: ("hard_vocab_limit", True), 35: ("byte_fallback", False),
+                 40: ("unk_id", 0), 41: ("bos_id", 1), 42: ("eos_id", 2), 43: ("pad_id", -1)}
+_NORMALIZER_SPEC = {1: ("normalization_rule_name", ""), 3: ("add_dummy_prefix", True)}
+_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+def tokenizer_settings(proto: bytes) -> dict:
+    """The training settings recorded in a SentencePiece model, keyed like CHALLENGE_TOKENIZER."""
+    found = {}
+    for number, message in _proto_fields(proto):
+        spec = {2: _TRAINER_SPEC, 3: _NORMALIZER_SPEC}.get(number)
+        for sub, value in _proto_fields(message) if spec else ():
+            if sub in spec:
+                name, default = spec[sub]
+                if isinstance(default, bool):
+                    value = bool(value)
+                elif isinstance(value, float):
+                    value = round(value, 6)  # stored as float32
+                elif isinstance(value, int) and value >= 1 << 63:
+                    value -= 1 << 64  # negative int32 (pad_id -1) is a 10-byte varint
+                elif isinstance(value, bytes):
+                    value = value.decode()
+                found[name] = value
+    defaults = dict([*_TRAINER_SPEC.values(), *_NORMALIZER_SPEC.values()])
+    settings = {name: found.get(name, defaults[name]) for name in CHALLENGE_TOKENIZER}
+    settings["model_type"] = _MODEL_TYPES.get(settings["model_type"], settings["model_type"])
+    return settings
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int, threads: int) -> bytes:
+    """Train a BPE model with the challenge's settings; each line of a document is one sentence, as for
+    the shared corpus's tokenizer. Returns the .model bytes."""
+    failure: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:
+        budget = max_bytes
+        try:
+            for text in texts:
+                for line in text.split("\n"):
+                    n = len(line.encode("utf-8"))
+                    if n > MAX_SENTENCE_BYTES or not line.strip():
+                        continue
+                    yield line
+                    budget -= n
+                    if budget <= 0:
+                        return
+        except Exception as e:  # a bad input line: keep it for after training, SentencePiece would mask it
+            failure.append(e)
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model,
+                                       **{**CHALLENGE_TOKENIZER, "vocab_size": vocab_size},
+                                       num_threads=threads, minloglevel=2)
+    except RuntimeError as e:
+        if not failure:
+            raise DataError(f"training the tokenizer failed: {e}") from None
+    if failure:
+        raise failure[0]
+    return model.getvalue()
+
+
+# ================================================================================================
+# Reading documents
+# ================================================================================================
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".txt")
+
+
+def input_files(paths: Iterable[str]) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise DataError(f"the folder {path} holds no {', '.join(SUFFIXES)} files")
+            files += found
+        elif not path.exists():
+            raise DataError(f"the input {path} does not exist")
+        elif not path.name.endswith(SUFFIXES):
+            raise DataError(f"the input {path} has an unsupported type; use {', '.join(SUFFIXES)}")
+        else:
+            files.append(path)
+    return files
+
+
+class Doc(NamedTuple):
+    text: str | None  # None when it has no visible characters: skipped and counted
+    nbytes: int  # UTF-8 bytes of text
+    where: str  # "file:line", for messages
+
+
+def _document(text: str, where: str) -> Doc:
+    try:
+        nbytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a JSON escape like "\ud800" decodes to a lone surrogate
+        raise DataError(f"{where}: the text holds an unpaired surrogate (a \\udXXX escape); it is not valid Unicode") from None
+    return Doc(text, nbytes, where) if text.strip() else Doc(None, 0, where)
+
+
+def _read_txt(path: Path) -> Iterator[Doc]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                        "re-encode the file as UTF-8") from None
+    yield _document(text, f"{path}:1")
+
+
+def _read_jsonl(path: Path, sources: set[str] | None) -> Iterator[Doc]:
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                    "re-encode the file as UTF-8") from None
+                if not line.strip():
+                    continue  # tolerate blank lines, e.g. a trailing one
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict) or "text" not in record:
+                    raise DataError(f'{path}:{lineno}: no "text" field; each line must be a JSON object like {{"text": "..."}}')
+                if not isinstance(record["text"], str):
+                    raise DataError(f'{path}:{lineno}: the "text" field is a {type(record["text"]).__name__}, not a string')
+                if sources is None or record.get("source") in sources:
+                    yield _document(record["text"], f"{path}:{lineno}")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise DataError(f"{path}:{lineno + 1}: cannot read the file: {e}") from None
+
+
+def read_documents(files: list[Path], sources: set[str] | None = None) -> Iterator[Doc]:
+    """Every document of the inputs, in order."""
+    for path in files:
+        if path.name.endswith(".txt"):
+            yield from _read_txt(path)
+        else:
+            yield from _read_jsonl(path, sources)
+
+
+# ================================================================================================
+# Text to shards
+# ================================================================================================
+
+BATCH_BYTES = 1 << 20  # text per encoding job: small enough to keep every core busy, big enough to amortize
+
+
+def encode_batch(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[list[int]]:
+    """[BOS] + ids for each text. SentencePiece releases the GIL while encoding, so jobs on a thread pool
+    use every core without pickling the text to other processes."""
+    return sp.encode(texts, add_bos=True, num_threads=1)
+
+
+def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += doc.nbytes
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_job(sp: spm.SentencePieceProcessor, batch: list[Doc]) -> tuple[list[Doc], np.ndarray, np.ndarray]:
+    """Tokens of the batch's documents concatenated, and each document's length (0 for skipped ones)."""
+    keep = [i for i, doc in enumerate(batch) if doc.text is not None]
+    ids = encode_batch(sp, [batch[i].text for i in keep])
+    lengths = np.zeros(len(batch), dtype=np.int64)
+    lengths[keep] = [len(x) for x in ids]
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return batch, lengths, flat
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of exactly `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += tokens.size
+        if self.pending_tokens < self.shard_tokens:
+            return
+        stream = np.concatenate(self.pending)
+        start = 0
+        while stream.size - start >= self.shard_tokens:
+            self._write(stream[start:start + self.shard_tokens])
+            start += self.shard_tokens
+        self.pending = [stream[start:]]
+        self.pending_tokens = stream.size - start
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"fineweb_{self.split}_{len(self.shards):06d}.bin"
+        write_shard(self.folder / name, tokens)
+        self.shards.append({"file": name, "tokens": int(tokens.size)})
+
+
+def convert_split(split: str, docs: Iterable[Doc], tok: Tokenizer, writer: ShardWriter, max_tokens: int,
+                  workers: int, progress: Progress) -> dict:
+    """Encode documents on a thread pool and write them in input order (so the output is deterministic).
+    With max_tokens > 0, stop before the first document that would pass it."""
+    stats = {"documents": 0, "empty_documents_skipped": 0, "tokens": 0, "text_bytes": 0}
+    vocab = tok.vocab_size
+    start = time.monotonic()
+    batches = _batches(docs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight: deque = deque()
+        try:
+            while True:
+                while len(in_flight) < 2 * workers:  # keep the pool fed while this thread reads ahead
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    in_flight.append(pool.submit(_encode_job, tok.sp, batch))
+                if not in_flight:
+                    break
+                batch, lengths, flat = in_flight.popleft().result()
+                if flat.size and (flat.max() >= vocab or flat.min() < 0):
+                    pos = int(np.argmax((flat >= vocab) | (flat < 0)))
+                    doc = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+                    raise DataError(f"{batch[doc].where}: the tokenizer produced id {int(flat[pos])}, outside its vocabulary "
+                                    f"of {vocab}; the tokenizer {tok.source} is inconsistent, retrain or replace it")
+                keep = len(batch)
+                if max_tokens:
+                    keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - stats["tokens"], side="right"))
+                n_tokens = int(lengths[:keep].sum())
+                writer.add(flat[:n_tokens].astype(np.uint16))
+                written = sum(1 for doc in batch[:keep] if doc.text is not None)
+                stats["documents"] += written
+                stats["empty_documents_skipped"] += keep - written
+                stats["tokens"] += n_tokens
+                stats["text_bytes"] += sum(doc.nbytes for doc in batch[:keep])
+                rate = stats["text_bytes"] / 1e6 / max(time.monotonic() - start, 1e-9)
+                progress.update(f"[{split}] {stats['documents']:,} docs, {stats['text_bytes'] / 1e6:,.1f} MB of text, "
+                                f"{stats['tokens']:,} tokens ({rate:.1f} MB/s)")
+                if keep < len(batch):
+                    break  # the token cap is reached
+        finally:
+            for job in in_flight:
+                job.cancel()
+    writer.close()
+    progress.done(f"[{split}] {stats['documents']:,} docs, {stats['tokens']:,} tokens in {len(writer.shards)} shard(s), "
+                  f"{time.monotonic() - start:.1f} s")
+    stats["bytes_per_token"] = round(stats["text_bytes"] / stats["tokens"], 4) if stats["tokens"] else None
+    stats["shards"] = writer.shards
+    return stats
+
+
+def check_output(folder: Path, tokenizer_path: Path, tok: Tokenizer) -> None:
+    """Refuse to mix shards of two tokenizers in one folder: train_gpt.py would read them as one dataset."""
+    old_shards = sorted(folder.glob("fineweb_*.bin")) if folder.is_dir() else []
+    manifest = folder / "manifest.json"
+    if old_shards:
+        if not manifest.is_file():
+            raise DataError(f"{folder} already holds {len(old_shards)} shard(s) but no manifest.json, so the tokenizer that "
+                            "made them is unknown; choose another --out or remove those shards")
+        try:
+            old_sha = json.loads(manifest.read_text())["tokenizer"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read the tokenizer hash from {manifest} ({e}); choose another --out or remove the folder") from None
+        if old_sha != tok.sha256:
+            raise DataError(f"{folder} already holds shards made with another tokenizer (sha256 {old_sha[:16]}..., "
+                            f"this one is {tok.sha256[:16]}...); choose another --out or remove the old shards")
+    if tokenizer_path.is_file() and hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() != tok.sha256:
+        raise DataError(f"{tokenizer_path} already exists and is another tokenizer; choose another --out or remove it")
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Staging folders of runs that were killed (their process is gone)."""
+    for old in folder.parent.glob(f".{folder.name}.tmp-*"):
+        try:
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)  # signal 0: only asks whether the process exists
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def _publish(staging: Path, folder: Path, tokenizer_path: Path, tok: Tokenizer, manifest: dict) -> None:
+    atomic_write_bytes(tokenizer_path, tok.proto)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The old manifest goes first and the new one comes last, so a folder with a manifest is complete.
+    (folder / "manifest.json").unlink(missing_ok=True)
+    for old in folder.glob("fineweb_*.bin"):
+        old.unlink()
+    for new in sorted(staging.glob("fineweb_*.bin")):
+        os.replace(new, folder / new.name)
+    atomic_write_bytes(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
+    if (args.val_input is None) == (args.val_docs is None):
+        raise DataError("give the validation documents either as --val-input FILE or as --val-docs N (the first N documents)")
+    for name in ("shard_tokens", "workers", "vocab_size", "tokenizer_train_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("val_docs", "max_train_tokens", "max_val_tokens"):
+        if (getattr(args, name) or 0) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must not be negative")
+    train_files = input_files(args.input)
+    val_files = input_files(args.val_input) if args.val_input else None
+    sources = set(args.source) if args.source else None
+    if sources and any(f.name.endswith(".txt") for f in train_files + (val_files or [])):
+        raise DataError("--source selects jsonl records by their \"source\" field; .txt inputs have none")
+
+    # Fresh readers each time, so that a token cap on val cannot shift where train starts.
+    def val_docs() -> Iterator[Doc]:
+        if val_files is not None:
+            return read_documents(val_files, sources)
+        return itertools.islice(read_documents(train_files, sources), args.val_docs)
+
+    def train_docs() -> Iterator[Doc]:
+        if val_files is not None:
+            return read_documents(train_files, sources)
+        return itertools.islice(read_documents(train_files, sources), args.val_docs, None)
+
+    if args.train_tokenizer:
+        vocab = args.vocab_size or CHALLENGE_TOKENIZER["vocab_size"]
+        if vocab > MAX_VOCAB:
+            raise DataError(f"--vocab-size {vocab} does not fit the uint16 shards (at most {MAX_VOCAB})")
+        print(f"training a {vocab}-piece tokenizer on up to {args.tokenizer_train_bytes / 1e6:g} MB of train text", file=sys.stderr)
+        texts = (doc.text for doc in train_docs() if doc.text is not None)
+        tok = tokenizer_from_proto(train_tokenizer(texts, vocab, args.tokenizer_train_bytes, args.workers), "trained by data/prepare.py")
+    else:
+        tok = load_tokenizer(args.tokenizer)
+    vocab = tok.vocab_size
+    if args.vocab_size is not None and vocab != args.vocab_size:
+        raise DataError(f"the tokenizer ({tok.source}) has {vocab} pieces, not --vocab-size {args.vocab_size}"
+                        + ("; the text is probably too small for that many pieces" if args.train_tokenizer else ""))
+    if vocab > MAX_VOCAB:
+        raise DataError(f"the tokenizer {tok.source} has {vocab} pieces; shards hold uint16 ids (at most {MAX_VOCAB})")
+    if tok.sp.bos_id() != BOS_ID:
+        raise DataError(f"the tokenizer {tok.source} has BOS id {tok.sp.bos_id()}; the challenge format needs BOS = {BOS_ID}")
+
+    out = Path(args.out)
+    folder = out / "datasets" / f"fineweb10B_sp{vocab}"
+    tokenizer_path = out / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    check_output(folder, tokenizer_path, tok)
+    _remove_stale_staging(folder)
+    # Shards are written to a staging folder and moved in at the end: an error leaves nothing behind.
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    staging.mkdir(parents=True)
+    try:
+        progress = Progress()
+        splits = {}
+        for split, docs, cap in (("val", val_docs(), args.max_val_tokens), ("train", train_docs(), args.max_train_tokens)):
+            writer = ShardWriter(staging, split, args.shard_tokens)
+            splits[split] = convert_split(split, docs, tok, writer, cap, args.workers, progress)
+            if not splits[split]["documents"]:
+                raise DataError(f"the {split} split has no documents; check the inputs, --source, --val-docs and the token caps")
+        manifest = {
+            "format": "challenge shards: 256 little-endian int32 header (20240520, 1, n_tokens) + n_tokens uint16 ids; "
+                      "each document is [BOS=1] + ids, no EOS",
+            "command": "python data/prepare.py " + shlex.join(argv),
+            "inputs": {"train": args.input, "val": args.val_input or f"the first {args.val_docs} documents of the train inputs"},
+            "options": {"val_docs": args.val_docs, "source": sorted(sources) if sources else None,
+                        "shard_tokens": args.shard_tokens, "max_train_tokens": args.max_train_tokens,
+                        "max_val_tokens": args.max_val_tokens},
+            "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "source": tok.source, "sha256": tok.sha256,
+                          "vocab_size": vocab, "settings": tokenizer_settings(tok.proto)},
+            "splits": splits,
+        }
+        _publish(staging, folder, tokenizer_path, tok, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {folder} ({splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens) and {tokenizer_path}")
+    print(f"train with: DATA_DIR={out}{'' if vocab == 8192 else f' VOCAB_SIZE={vocab}'} python train_gpt.py")
+    return manifest
+
+
+# ================================================================================================
+# Download from the Hugging Face dataset repo
+# ================================================================================================
+
+Fetch = Callable[[str, str, Path], None]  # fetch(repo_id, path in the repo, destination file)
+HF_STAGING = ".hf-download"  # huggingface_hub's folder for partial downloads; it resumes from there
+
+
+def _hf_hub_download():
+    try:
+        from huggingface_hub import hf_hub_download  # only downloads need it
+    except ImportError:
+        raise DataError("downloading needs the huggingface_hub package: pip install huggingface_hub "
+                        "(or copy from a local folder with --mirror DIR)") from None
+    return hf_hub_download
+
+
+def hf_fetch(repo_id: str, filename: str, dest: Path) -> None:
+    hf_hub_download = _hf_hub_download()
+    subfolder, _, name = filename.rpartition("/")
+    got = Path(hf_hub_download(repo_id=repo_id, filename=name, subfolder=subfolder or None, repo_type="dataset",
+                               local_dir=dest.parent / HF_STAGING))
+    if got.is_symlink():  # older huggingface_hub versions link into their cache
+        shutil.copyfile(got.resolve(), dest)
+    else:
+        os.replace(got, dest)
+
+
+def mirror_fetch(mirror: str | Path) -> Fetch:
+    """A fetch that copies from a local folder laid out like the HF repo (for offline use and tests)."""
+    mirror = Path(mirror)
+
+    def fetch(repo_id: str, filename: str, dest: Path) -> None:
+        source = mirror / filename
+        if not source.is_file():
+            raise DataError(f"the mirror {mirror} has no {filename}")
+        shutil.copyfile(source, dest)
+
+    return fetch
+
+
+def verify_file(path: Path, vocab: int, kind: str) -> None:
+    """Raise DataError unless the file is complete and usable; kind is the suffix of its final name."""
+    if kind == ".bin":
+        read_shard_header(path)
+    elif kind == ".model":
+        tok = load_tokenizer(path)
+        if tok.vocab_size != vocab:
+            raise DataError(f"{path} has {tok.vocab_size} pieces, expected {vocab}")
+    else:
+        try:
+            data = path.read_bytes().decode("utf-8")
+            if kind == ".json":
+                json.loads(data)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is unreadable: {e}") from None
+        if not data:
+            raise DataError(f"{path} is empty")
+
+
+def download(data_dir: str | Path, variant: str = "sp8192", train_shards: int = 128,
+             repo_id: str = DEFAULT_REPO_ID, fetch: Fetch = hf_fetch) -> list[str]:
+    """Fetch the manifest, tokenizer, all val shards and the first `train_shards` train shards into the
+    challenge layout; files already present and valid are kept. Returns the repo paths fetched."""
+    if not re.fullmatch(r"sp\d+", variant):
+        raise DataError(f"--variant {variant!r}: expected sp<vocab size>, e.g. sp8192")
+    if train_shards < 0:
+        raise DataError("--train-shards must not be negative")
+    vocab = int(variant[2:])
+    data_dir = Path(data_dir)
+    dataset = f"fineweb10B_{variant}"
+    fetched: list[str] = []
+
+    def get(rel: str, label: str) -> None:
+        # The repo keeps the challenge layout under datasets/: repo datasets/X is local DATA_DIR/X.
+        local, remote = data_dir / rel, f"datasets/{rel}"
+        if local.exists():
+            try:
+                verify_file(local, vocab, local.suffix)
+                print(f"{label}: present and valid, skipped", flush=True)
+                return
+            except DataError as e:
+                print(f"{label}: present but invalid ({e}), fetching again", flush=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(f".{local.name}.part")  # never a half file at the final name
+        start = time.monotonic()
+        try:
+            try:
+                fetch(repo_id, remote, part)
+            except DataError:
+                raise
+            except Exception as e:  # network, disk, missing file: all resumable by running again
+                raise DataError(f"fetching {remote} from {repo_id} failed: {e}. Files already downloaded are kept; "
+                                "run the same command again to resume.") from None
+            verify_file(part, vocab, local.suffix)
+            os.replace(part, local)
+        finally:
+            part.unlink(missing_ok=True)
+        seconds = time.monotonic() - start
+        size = local.stat().st_size / 1e6
+        print(f"{label}: fetched {size:,.1f} MB in {seconds:.1f} s ({size / max(seconds, 1e-9):,.1f} MB/s)", flush=True)
+        fetched.append(remote)
+
+    get("manifest.json", "manifest.json")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    # The manifest says how many shards the repo has (fields as in the challenge's own downloader).
+    entry = next((d for d in (manifest.get("datasets") or []) if isinstance(d, dict) and d.get("name") == dataset), {}) \
+        if isinstance(manifest, dict) else {}
+    stats = entry.get("stats") or {}
+    val_shards = int(stats.get("files_val", 1))
+    if stats.get("files_train") is not None and train_shards > int(stats["files_train"]):
+        raise DataError(f"{repo_id} has {stats['files_train']} train shards of {dataset}; --train-shards {train_shards} is too many")
+    files = [f"tokenizers/fineweb_{vocab}_bpe.model", f"tokenizers/fineweb_{vocab}_bpe.vocab"]
+    files += [f"datasets/{dataset}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
+    files += [f"datasets/{dataset}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    for i, rel in enumerate(files, 1):
+        get(rel, f"[{i:>3}/{len(files)}] {rel}")
+    for folder in (data_dir, data_dir / "tokenizers", data_dir / "datasets" / dataset):
+        shutil.rmtree(folder / HF_STAGING, ignore_errors=True)  # all done: no partial files left to resume
+    print(f"{data_dir}: {val_shards} val and {train_shards} train shard(s) of {dataset}, tokenizer in {data_dir / 'tokenizers'}")
+    return fetched
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data/prepare.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    d = commands.add_parser("download", help="fetch the challenge's FineWeb shards and tokenizer from Hugging Face")
+    d.add_argument("--data-dir", default="./data/", help="where the challenge layout goes (default ./data/)")
+    d.add_argument("--train-shards", type=int, default=128, help="how many train shards, from the first (default 128; val is always whole)")
+    d.add_argument("--variant", default="sp8192", help="tokenizer family (default sp8192)")
+    d.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"Hugging Face dataset repo (default {DEFAULT_REPO_ID})")
+    d.add_argument("--mirror", metavar="DIR", help="copy from a local folder laid out like the repo instead of the network")
+
+    t = commands.add_parser("text", help="tokenize your own documents into challenge shards")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl[.gz|.xz] or .txt files, or folders of them")
+    t.add_argument("--val-input", nargs="+", metavar="PATH", help="validation documents (all of them, in file order)")
+    t.add_argument("--val-docs", type=int, metavar="N", help="or: the first N documents of --input are validation")
+    which = t.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model")
+    which.add_argument("--train-tokenizer", action="store_true", help="train one on the train documents with the challenge's settings")
+    t.add_argument("--vocab-size", type=int, help="pieces of the trained tokenizer (default 8192); with --tokenizer, a check")
+    t.add_argument("--tokenizer-train-bytes", type=int, default=50_000_000, help="text used to train the tokenizer (default 50 MB)")
+    t.add_argument("--source", action="append", metavar="NAME", help="keep only jsonl records with this \"source\" (repeatable)")
+    t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100,000,000)")
+    t.add_argument("--max-train-tokens", type=int, default=0, help="stop train before the document that would pass this (0: no cap)")
+    t.add_argument("--max-val-tokens", type=int, default=0, help="the same for val (0: no cap)")
+    t.add_argument("--workers", type=int, default=default_workers(), help="encoding threads (default: all cores)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output root; train_gpt.py then runs with DATA_DIR=DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "download":
+            if not args.mirror:
+                _hf_hub_download()  # say it is missing before anything else
+            fetch = mirror_fetch(args.mirror) if args.mirror else hf_fetch
+            download(args.data_dir, args.variant, args.train_shards, args.repo_id, fetch)
+        else:
+            text_command(args, argv)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was left at a final name, run the command again", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

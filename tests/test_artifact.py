@@ -1,0 +1,377 @@
+"""The artifact: binary layout round trip, refusal of anything damaged, byte shuffle, both compressors,
+exact size accounting in a tiny run's log, the packed (self-extracting) script, the 16 MB limit and
+ARTIFACT_FIT. CPU only; two tiny training runs (~10 s each)."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import RandomTokens, run_script, tiny_settings
+
+import train_gpt as tg
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_gpt.py"
+HEADER = tg.ARTIFACT_HEADER.size
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+
+def make_h(**overrides) -> tg.Hyperparameters:
+    return tg.Hyperparameters(tiny_settings(Path("/nonexistent"), **overrides), cuda_available=False)
+
+
+def trained_looking_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
+    torch.manual_seed(seed)
+    model = tg.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    h = make_h()
+    model = trained_looking_model(h)
+    hessians = tg.collect_hessians(model, RandomTokens(h.vocab_size, 4, h.train_seq_len), h, torch.device("cpu"))
+    tensors, _ = tg.quantize_model(model, hessians, h)
+    return h, model, hessians, tensors
+
+
+@pytest.fixture(scope="module")
+def blob(quantized) -> bytes:
+    h, _, _, tensors = quantized
+    return tg.serialize_artifact(tensors, h.model_config(), "brotli")
+
+
+def tensors_from_parse(blob: bytes, model: tg.GPT) -> tuple[list[tg.QuantizedTensor], dict]:
+    """Rebuild QuantizedTensors from what parse_artifact returns (names come from the model)."""
+    meta, table, codes, scale_codes, tops, plain = tg.parse_artifact(blob)
+    out, c, r, k, p = [], 0, 0, 0, 0
+    for (name, param), (bits, shape) in zip(model.named_parameters(), table):
+        assert tuple(param.shape) == shape
+        n = math.prod(shape)
+        if bits == 16:
+            values = np.frombuffer(plain, dtype="<f2", count=n, offset=2 * p).reshape(shape)
+            out.append(tg.QuantizedTensor(name, shape, 16, values=values))
+            p += n
+        else:
+            q = np.frombuffer(codes, dtype=np.int8, count=n, offset=c).reshape(shape)
+            sc = np.frombuffer(scale_codes, dtype=np.uint8, count=shape[0], offset=r)
+            out.append(tg.QuantizedTensor(name, shape, bits, codes=q, scale_top=float(tops[k]), scale_codes=sc))
+            c, r, k = c + n, r + shape[0], k + 1
+    assert c == len(codes) and r == len(scale_codes) and k == len(tops) and 2 * p == len(plain)
+    return out, meta
+
+
+def flip(blob: bytes, i: int, mask: int = 0x01) -> bytes:
+    b = bytearray(blob)
+    b[i] ^= mask
+    return bytes(b)
+
+
+@pytest.fixture
+def capture_log(tmp_path, monkeypatch):
+    """Route train_gpt's module logger to a file; returns a function giving the text so far."""
+    path = tmp_path / "captured.log"
+    logger = tg.Logger(str(path), True)
+    monkeypatch.setattr(tg, "log", logger)
+    yield lambda: path.read_text() if path.exists() else ""
+    logger.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# round trip
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_round_trip_is_bit_exact(quantized, compressor):
+    h, model, _, tensors = quantized
+    blob = tg.serialize_artifact(tensors, h.model_config(), compressor)
+    magic, version, comp_id, _, crc, length, _ = tg.ARTIFACT_HEADER.unpack_from(blob)
+    assert (magic, version, comp_id) == (tg.ARTIFACT_MAGIC, tg.ARTIFACT_VERSION, tg.COMPRESSORS[compressor])
+
+    state = tg.load_artifact_state(blob, tg.GPT(h))
+    assert list(state) == [t.name for t in tensors]
+    for t in tensors:
+        assert state[t.name].dtype == torch.float32
+        assert torch.equal(state[t.name], t.dequantize().view(t.shape)), t.name
+    fresh = tg.GPT(h)
+    fresh.load_state_dict(state, strict=True)
+
+    # what the loader reads back serializes to the very same bytes
+    rebuilt, meta = tensors_from_parse(blob, model)
+    assert meta["config"] == h.model_config()
+    for a, b in zip(rebuilt, tensors):
+        assert a.bits == b.bits and a.shape == b.shape
+        if a.bits == 16:
+            assert np.array_equal(a.values, b.values)
+        else:
+            assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scale_codes, b.scale_codes)
+            assert a.scale_top == b.scale_top
+    assert tg.serialize_artifact(rebuilt, meta["config"], compressor) == blob
+    assert tg.serialize_artifact(tensors, h.model_config(), compressor) == blob, "serialization is deterministic"
+
+
+def test_both_compressors_compress(quantized):
+    h, _, _, tensors = quantized
+    sizes = {}
+    for comp in ("brotli", "lzma"):
+        blob = tg.serialize_artifact(tensors, h.model_config(), comp)
+        length = tg.ARTIFACT_HEADER.unpack_from(blob)[5]
+        sizes[comp] = len(blob)
+        assert len(blob) - HEADER < 0.9 * length, f"{comp} barely compresses"
+        assert tg.artifact_config(blob, "x") == h.model_config()
+    raw_codes = sum(t.codes.size for t in tensors if t.bits != 16)
+    assert max(sizes.values()) < raw_codes, "6-bit codes in int8 bytes must compress below one byte per weight"
+
+
+def test_byte_shuffle_is_invertible():
+    rng = np.random.default_rng(0)
+    for stride in (2, 4):
+        for n in (0, stride, 2 * stride, 1000 * stride):
+            data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            shuffled = tg.byte_shuffle(data, stride)
+            assert len(shuffled) == len(data)
+            assert tg.byte_unshuffle(shuffled, stride) == data
+    # grouping: the low bytes of all fp16 values first, then the high bytes
+    values = np.array([1.0, -2.5, 65504.0, 1e-3], dtype="<f2")
+    raw = values.tobytes()
+    shuffled = tg.byte_shuffle(raw)
+    assert shuffled[:4] == raw[0::2] and shuffled[4:] == raw[1::2]
+
+
+# ------------------------------------------------------------------------------------------------
+# refusing damaged input
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_refused(blob: bytes, *words: str, model: tg.GPT | None = None):
+    with pytest.raises(tg.ArtifactError) as exc:
+        if model is None:
+            tg.parse_artifact(blob, "art.ptz")
+        else:
+            tg.load_artifact_state(blob, model, "art.ptz")
+    msg = str(exc.value)
+    assert "art.ptz" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_flipped_byte_in_body_is_refused(blob):
+    body = range(HEADER, len(blob))
+    positions = sorted({HEADER, HEADER + 1, len(blob) - 1, *body[::max(1, len(body) // 40)]})
+    for i in positions:
+        for mask in (0x01, 0x80):
+            msg = assert_refused(flip(blob, i, mask))
+            assert "corrupt" in msg or "damaged" in msg, (i, msg)
+
+
+@pytest.mark.parametrize("i", range(HEADER))
+def test_flipped_byte_in_header_is_refused(blob, i):
+    """Every header byte matters: magic, version, compressor, checksum, length, and the reserved fields
+    (which this version writes as zero; anything else means the file is damaged)."""
+    assert_refused(flip(blob, i, 0x10))
+
+
+@pytest.mark.parametrize("keep", [0, 3, HEADER - 1, HEADER, HEADER + 10, -100, -1])
+def test_truncated_file_is_refused(blob, keep):
+    assert_refused(blob[:keep])
+
+
+def test_wrong_magic_is_refused(blob):
+    msg = assert_refused(b"PK\x03\x04" + blob[4:], "magic")
+    assert "PGLF" in msg
+
+
+def test_wrong_version_is_refused(blob):
+    bad = blob[:4] + bytes([tg.ARTIFACT_VERSION + 1]) + blob[5:]
+    assert_refused(bad, "version 2", str(tg.ARTIFACT_VERSION))
+
+
+def test_unknown_compressor_is_refused(blob):
+    bad = blob[:5] + bytes([7]) + blob[6:]
+    assert_refused(bad, "compressor")
+
+
+def test_model_of_another_shape_is_refused(blob):
+    assert_refused(blob, "different network shape", model=tg.GPT(make_h(MODEL_DIM="32", EMBEDDING_DIM="32", ROPE_DIMS="8")))
+    assert_refused(blob, "different network shape", model=tg.GPT(make_h(NUM_LAYERS="2", XSA_LAST_N="2")))
+    assert_refused(blob, "different network shape", model=tg.GPT(make_h(TIE_EMBEDDINGS="0")))
+
+
+def test_consistent_payload_with_a_wrong_table_is_refused(quantized):
+    """A well-formed file whose tensor table promises more data than it holds."""
+    h, _, _, tensors = quantized
+    good = tg.serialize_artifact(tensors, h.model_config(), "lzma")
+    payload = tg.decompress(good[HEADER:], "lzma")
+    bad_payload = payload[:-2]  # drop the last fp16 value
+    header = tg.ARTIFACT_HEADER.pack(tg.ARTIFACT_MAGIC, tg.ARTIFACT_VERSION, 1, 0, zlib.crc32(bad_payload),
+                                     len(bad_payload), 0)
+    assert_refused(header + tg.compress(bad_payload, "lzma"), "table")
+
+
+def test_eval_model_is_built_from_the_artifact_config(quantized, tmp_path, capture_log):
+    h, _, _, tensors = quantized
+    path = tmp_path / "a.ptz"
+    path.write_bytes(tg.serialize_artifact(tensors, h.model_config(), "brotli"))
+    other = make_h(MODEL_DIM="32", EMBEDDING_DIM="32", ROPE_DIMS="8")
+    model, hh = tg.load_eval_model(path, other, torch.device("cpu"))
+    assert hh.model_dim == h.model_dim and model.tok_emb.weight.shape == (h.vocab_size, h.model_dim)
+    assert "MODEL_DIM" in capture_log() and "warning" in capture_log()
+    with pytest.raises(tg.ArtifactError, match="not found"):
+        tg.load_eval_model(tmp_path / "missing.ptz", h, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the 16 MB limit and ARTIFACT_FIT
+# ------------------------------------------------------------------------------------------------
+
+
+def test_over_limit_artifact_gets_its_own_name(quantized, blob, tmp_path, monkeypatch, capture_log):
+    h, _, _, _ = quantized
+    target = tmp_path / "out" / "model.int6.ptz"
+    target.parent.mkdir()
+    target.write_bytes(b"previous artifact")
+    hh = h.replace(artifact_path=str(target))
+    code_bytes = 1234
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", code_bytes + len(blob) - 100)
+    path = tg.write_artifact(blob, hh, code_bytes, 5678)
+    assert path == target.with_name("model.int6.OVER_LIMIT_by_100_bytes.ptz")
+    assert path.read_bytes() == blob
+    assert target.read_bytes() == b"previous artifact", "ARTIFACT_PATH must be left untouched"
+    text = capture_log()
+    assert re.search(r"^artifact: path=.*OVER_LIMIT_by_100_bytes\.ptz fits:0 limit:\d+ margin:-100$", text, re.M), text
+    assert "warning: the submission is 100 bytes over" in text
+    assert f"Total submission size quantized+brotli: {code_bytes + len(blob)} bytes" in text
+
+    # exactly at the limit fits
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", code_bytes + len(blob))
+    assert tg.write_artifact(blob, hh, code_bytes, 5678) == target
+    assert target.read_bytes() == blob
+    assert re.search(r"fits:1 limit:\d+ margin:0$", capture_log(), re.M)
+
+
+def test_artifact_fit_coarsens_the_grid_until_it_fits(quantized, monkeypatch, capture_log):
+    h, model, hessians, _ = quantized
+    code_bytes = 1000
+    base_blob, base_clip = tg.build_artifact(model, hessians, h, code_bytes)
+    assert base_clip == h.matrix_clip_sigmas
+    limit = code_bytes + int(0.85 * len(base_blob))
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", limit)
+    # without ARTIFACT_FIT nothing changes
+    blob, clip = tg.build_artifact(model, hessians, h, code_bytes)
+    assert blob == base_blob and clip == base_clip
+    # with it the matrix grid is coarsened (larger clip) and the file shrinks below the limit
+    blob, clip = tg.build_artifact(model, hessians, h.replace(artifact_fit=True), code_bytes)
+    assert clip > h.matrix_clip_sigmas
+    assert len(blob) < len(base_blob)
+    assert code_bytes + len(blob) <= limit
+    assert "artifact_fit:" in capture_log()
+    # still a valid artifact of the same model
+    tg.GPT(h).load_state_dict(tg.load_artifact_state(blob, tg.GPT(h)), strict=True)
+    # a model that already fits is left alone
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 16_000_000)
+    blob2, clip2 = tg.build_artifact(model, hessians, h.replace(artifact_fit=True), code_bytes)
+    assert blob2 == base_blob and clip2 == h.matrix_clip_sigmas
+
+
+# ------------------------------------------------------------------------------------------------
+# size accounting in a real (tiny) run, and the packed script
+# ------------------------------------------------------------------------------------------------
+
+
+def stage_lines(log: str) -> list[str]:
+    """Evaluation result lines without their timing."""
+    keep = [l for l in log.splitlines() if re.match(r"^(pre-quantization post-ema|quantized\S*) val_", l)]
+    return [re.sub(r" eval_time:\d+ms", "", l) for l in keep]
+
+
+def sizes(log: str) -> dict:
+    def num(pattern):
+        m = re.search(pattern, log, re.M)
+        assert m, f"no line matching {pattern!r} in the log"
+        return m.groups()
+
+    out = {}
+    out["model"] = int(num(r"^Serialized model quantized\+brotli: (\d+) bytes$")[0])
+    code, readable = num(r"^Code size: (\d+) bytes \(readable: (\d+) bytes\)$")
+    out["code"], out["readable"] = int(code), int(readable)
+    out["total"] = int(num(r"^Total submission size quantized\+brotli: (\d+) bytes$")[0])
+    sha, nbytes, psha, pbytes = num(r"^script: \S+ sha256:(\w+) bytes:(\d+) packed_sha256:(\w+) packed_bytes:(\d+)$")
+    out.update(sha=sha, bytes=int(nbytes), packed_sha=psha, packed_bytes=int(pbytes))
+    out["margin"] = int(num(r"^artifact: path=\S+ fits:1 limit:16000000 margin:(-?\d+)$")[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def readable_run(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("readable_run")
+    proc, log = run_script(tiny_settings(tiny_data), cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, log
+
+
+def test_size_accounting_in_the_log(readable_run):
+    cwd, log = readable_run
+    s = sizes(log)
+    source = SCRIPT.read_text(encoding="utf-8")
+    packed = tg.pack_source(source).encode("utf-8")
+    assert s["total"] == s["code"] + s["model"]
+    assert s["model"] == (cwd / "final_model.int6.ptz").stat().st_size
+    assert s["code"] == len(packed) == s["packed_bytes"]
+    assert s["packed_sha"] == hashlib.sha256(packed).hexdigest()
+    assert s["readable"] == s["bytes"] == len(source.encode("utf-8"))
+    assert s["sha"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    assert s["margin"] == 16_000_000 - s["total"]
+    assert s["code"] < s["readable"]
+
+
+def test_packed_script_is_smaller_and_runs_the_same_program(readable_run, tiny_data, tmp_path):
+    cwd, log = readable_run
+    out = tmp_path / "submission" / "train_gpt.py"
+    proc, _ = run_script({}, tmp_path, args=["--pack", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    packed = out.read_bytes()
+    readable = SCRIPT.read_bytes()
+    assert len(packed) < 0.4 * len(readable), (len(packed), len(readable))
+    assert packed == tg.pack_source(readable.decode()).encode()
+    assert packed.decode().startswith(tg.PACKED_HEAD)
+    minified = ast.unparse(tg.strip_docstrings(ast.parse(readable.decode())))
+    assert tg.unpack_source(packed.decode()) == minified
+
+    run_dir = tmp_path / "packed_run"
+    run_dir.mkdir()
+    proc, plog = run_script(tiny_settings(tiny_data), run_dir, script=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines, plines = stage_lines(log), stage_lines(plog)
+    assert any(l.startswith("pre-quantization post-ema val_loss:") for l in lines)
+    assert any(l.startswith("quantized val_loss:") for l in lines)
+    assert any(l.startswith("quantized_sliding_window val_loss:") for l in lines)
+    assert plines == lines
+    assert (run_dir / "final_model.int6.ptz").read_bytes() == (cwd / "final_model.int6.ptz").read_bytes()
+    # the packed copy reports its own size as the code size
+    s = sizes(plog)
+    assert s["code"] == s["readable"] == s["bytes"] == s["packed_bytes"] == len(packed)
+    assert s["sha"] == s["packed_sha"] == hashlib.sha256(packed).hexdigest()
+    assert s["total"] == len(packed) + s["model"]
+
+
+def test_pack_usage_errors(tmp_path):
+    proc, _ = run_script({}, tmp_path, args=["--pack"])
+    assert proc.returncode == 2 and "usage" in proc.stderr

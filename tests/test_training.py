@@ -1,0 +1,148 @@
+"""Whole tiny runs of train_gpt.py on CPU: distributed equivalence, every stage, warm-up without trace,
+wallclock cap, looping switch."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import run_script, tiny_settings  # noqa: E402
+
+TRAIN_LINE = re.compile(r"^(\d+)/(\d+) train_loss: ([\d.]+) train_time: (\d+)ms", re.M)
+
+
+def train_losses(log: str) -> list[tuple[int, float]]:
+    return [(int(m.group(1)), float(m.group(3))) for m in TRAIN_LINE.finditer(log)]
+
+
+def stage(log: str, name: str) -> tuple[float, float]:
+    m = re.search(rf"^{re.escape(name)} val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:\d+ms$", log, re.M)
+    assert m, f"no '{name}' line in the log:\n{log[-3000:]}"
+    return float(m.group(1)), float(m.group(2))
+
+
+def run_ok(env, cwd: Path, **kw):
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc, log = run_script(env, cwd, **kw)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}\nlog:\n{log[-3000:]}"
+    return proc, log
+
+
+def weights(cwd: Path) -> dict[str, torch.Tensor]:
+    return torch.load(cwd / "final_model.pt", map_location="cpu")
+
+
+# Two micro-steps of 8 sequences: the same split of the 16-sequence batch as 2 ranks x 8 sequences, so a
+# 2-process run must reproduce this one exactly (halving a loss and summing two halves is exact in floating
+# point). With one micro-step of 16 the sums run in another order; Muon's bf16 Newton-Schulz then turns
+# those last-bit differences into visible ones wherever a gradient has tiny singular values (the
+# zero-initialized output projections after the first step: up to ~4 % of an element).
+BASE = dict(TTT_ENABLED="1", WARMUP_STEPS="3", GRAD_ACCUM_STEPS="2")
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_data, tmp_path_factory):
+    """One process, every stage on (TTT too), with a mistyped setting in the environment."""
+    cwd = tmp_path_factory.mktemp("baseline")
+    env = tiny_settings(tiny_data, **BASE)
+    env["MATRIX_LRR"] = "0.5"
+    _, log = run_ok(env, cwd)
+    return cwd, log
+
+
+def test_end_to_end_run_logs_every_stage_and_learns(baseline):
+    cwd, log = baseline
+    losses = train_losses(log)
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"):
+        loss, bpb = stage(log, name)
+        assert 0 < loss < 7 and 0 < bpb
+    assert re.search(r"^ttt:legality score_first:1 .*each_token_once:1", log, re.M)
+    assert abs(stage(log, "quantized_ttt")[0] - stage(log, "quantized_sliding_window")[0]) > 1e-5  # TTT trained
+    assert "warmup_step: 3/3" in log and "loop_warmup_step: 3/3" in log
+    assert "layer_loop:enabled step:3 " in log  # ENABLE_LOOPING_AT=0.35 of 8 steps
+    assert "warning: environment variable MATRIX_LRR is not a setting of this script; did you mean MATRIX_LR?" in log
+    assert log.rstrip().endswith("run_complete")
+    assert (cwd / "final_model.pt").is_file() and (cwd / "final_model.int6.ptz").is_file()
+    assert "stopping_early" not in log
+
+
+def test_two_gloo_ranks_give_the_single_process_weights(baseline, tiny_data, tmp_path):
+    base_cwd, base_log = baseline
+    cwd = tmp_path / "ddp"
+    env = tiny_settings(tiny_data, **dict(BASE, GRAD_ACCUM_STEPS="0"))
+    _, log = run_ok(env, cwd, torchrun_procs=2, timeout=400)
+    assert "world_size:2" in log
+    assert "derived: grad_accum_steps:1 micro_batch_seqs:8 " in log  # 16 sequences split over 2 ranks
+    assert "derived: grad_accum_steps:2 micro_batch_seqs:8 " in base_log
+    one, two = weights(base_cwd), weights(cwd)
+    assert one.keys() == two.keys()
+    for name in one:
+        a, b = one[name], two[name]
+        scale = a.abs().max().clamp_min(1e-3)
+        assert (a - b).abs().max() <= 1e-6 * scale, (name, ((a - b).abs().max() / scale).item())
+    assert [s for s, _ in train_losses(log)] == list(range(1, 9))
+    assert "layer_loop:enabled step:3 " in log
+    pre_one, pre_two = stage(base_log, "pre-quantization post-ema"), stage(log, "pre-quantization post-ema")
+    assert pre_two == pytest.approx(pre_one, abs=2e-6)
+    # every later stage runs distributed too (GPTQ calibration split over ranks, TTT gradients all-reduced)
+    # (same windows, same sums up to their order: equal to the printed digits in practice)
+    for name in ("quantized", "quantized_sliding_window", "quantized_ttt"):
+        loss, bpb = stage(log, name)
+        assert (loss, bpb) == pytest.approx(stage(base_log, name), abs=2e-5), name
+    assert re.search(r"^ttt:legality score_first:1 .*each_token_once:1", log, re.M)
+    assert log.rstrip().endswith("run_complete")
+
+
+def test_warm_up_leaves_no_trace(baseline, tiny_data, tmp_path):
+    base_cwd, base_log = baseline  # WARMUP_STEPS=3
+    cwd = tmp_path / "nowarm"
+    env = tiny_settings(tiny_data, **dict(BASE, WARMUP_STEPS="0", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0"))
+    _, log = run_ok(env, cwd)
+    assert "warmup_step" not in log
+    assert train_losses(log) == train_losses(base_log)
+    a, b = weights(base_cwd), weights(cwd)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+def test_wallclock_cap_stops_early(tiny_data, tmp_path):
+    env = tiny_settings(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="1",
+                        TRAIN_LOG_EVERY="1000", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", WARMUP_STEPS="1")
+    _, log = run_ok(env, tmp_path / "cap")
+    m = re.search(r"^stopping_early: wallclock_cap train_time: (\d+)ms step: (\d+)/100000$", log, re.M)
+    assert m, log[-3000:]
+    train_ms, steps = int(m.group(1)), int(m.group(2))
+    assert 0 < steps < 100000
+    assert train_ms >= 2000  # stops only once the 3 s - 1 s budget is used up
+    assert "wallclock: cap 3s, 1s reserved for GPTQ calibration, training stops at 2000ms" in log
+    # the last step is logged even off the TRAIN_LOG_EVERY grid
+    assert train_losses(log)[-1][0] == steps
+    # looping switches on by time fraction, before the end
+    m = re.search(r"^layer_loop:enabled step:(\d+) frac:([\d.]+)", log, re.M)
+    if steps >= 3:  # (a machine so loaded that a step takes 0.7 s could stop before the switch)
+        assert m and 0 < int(m.group(1)) < steps and 0.35 <= float(m.group(2)) < 1
+    assert re.search(r"^train_budget: train_time:\d+ms calibration:\d+ms total:\d+ms limit:3000ms$", log, re.M)
+    stage(log, "quantized")
+    assert log.rstrip().endswith("run_complete")
+
+
+def test_looping_switches_on_at_the_configured_fraction(tiny_data, tmp_path):
+    env = tiny_settings(tiny_data, ENABLE_LOOPING_AT="0.75", NUM_LAYERS="4", XSA_LAST_N="4", LOOP_START="1",
+                        LOOP_END="2", NUM_LOOPS="1", PARALLEL_RESIDUAL_START="3", SLIDING_WINDOW_ENABLED="0",
+                        TTT_ENABLED="0", WARMUP_STEPS="0")
+    _, log = run_ok(env, tmp_path / "loop")
+    lines = re.findall(r"^layer_loop:enabled .*$", log, re.M)
+    assert lines == ["layer_loop:enabled step:6 frac:0.750 encoder:[0, 1, 2] decoder:[1, 2, 3]"]
+    # training steps before the switch ran the loop-free order; the switch happens once
+    assert log.index("6/8 train_loss") < log.index(lines[0]) < log.index("7/8 train_loss")
+    assert log.rstrip().endswith("run_complete")
