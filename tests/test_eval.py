@@ -19,7 +19,7 @@ from conftest import run_script, tiny_settings
 
 import train_gpt as tg
 
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"  # ../shared beside the checkout, as in CI
 SP8192 = CORPUS / "tokenizer" / "sp8192.model"
 RARE_TEXT = "Tokyo 東京 and Kyōto: 🎉🦀 naïve café, 𝄞 ☃ Ωμέγα ﬁnal ½ — ‘quoted’ «guillemets» 한국어 ไทย"
 
