@@ -784,6 +784,14 @@ def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> 
     return block(x, x0, cos, sin)
 
 
+def merge_skip(x: Tensor, skip: Tensor, weight: Tensor, gate: Tensor | None) -> Tensor:
+    """U-Net skip: scale the pushed activation per channel, then blend (sigmoid gate) or add it. Compiled
+    on GPU as its own small graph, so it costs one fused kernel each way instead of several eager ones
+    (inside the block graph it would double the block variants to compile)."""
+    scaled = weight.to(x.dtype) * skip
+    return torch.lerp(scaled, x, torch.sigmoid(gate).to(x.dtype)) if gate is not None else x + scaled
+
+
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int, looping: bool) -> tuple[list[int], list[int]]:
     """Virtual layer order as (encoder, decoder) block indices. With looping, blocks loop_start..loop_end
     run 1+num_loops times: 11 blocks, loops 3-5 twice more -> [0,1,2,3,4,5,3,4] + [5,3,4,5,6,7,8,9,10]."""
@@ -860,13 +868,13 @@ class GPT(nn.Module):
         for i in enc:
             x = self.block_fn(self.blocks[i], x, x0, cos, sin)
             skips.append(x)
+        if skips:  # the first decoder merge would get x twice (x is skip): keep graphs free of aliasing
+            skips[-1] = skips[-1].clone()
         for j, i in enumerate(dec):
             if j < self.skip_weights.size(0) and skips:
-                skip = self.skip_weights[j].to(dtype) * skips.pop()
-                if self.skip_gates is not None:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(dtype))
-                else:
-                    x = x + skip
+                # clone(): a row view has a storage offset, which a compiled graph would specialize on
+                gate = self.skip_gates[j].clone() if self.skip_gates is not None else None
+                x = MERGE_SKIP(x, skips.pop(), self.skip_weights[j].clone(), gate)
             x = self.block_fn(self.blocks[i], x, x0, cos, sin)
         x = self.final_norm(x)
         if self.head_proj is not None:
@@ -900,11 +908,12 @@ def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Ten
 # Compiled versions (set by configure_runtime); plain functions on CPU.
 HEAD_LOSS = head_loss
 HEAD_NLL = head_nll
+MERGE_SKIP = merge_skip
 
 
 def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
     """Pick the attention backend and, on GPU, compile the block and the head. Returns a description."""
-    global ATTENTION_BACKEND, SDPA_NATIVE_GQA, HEAD_LOSS, HEAD_NLL
+    global ATTENTION_BACKEND, SDPA_NATIVE_GQA, HEAD_LOSS, HEAD_NLL, MERGE_SKIP
     SDPA_NATIVE_GQA = h.sdpa_gqa == "native"
     want = h.attention_backend
     if want == "fa3" and _flash_attn_3 is None:
@@ -922,9 +931,10 @@ def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
         compiled_block = torch.compile(run_block, dynamic=False, fullgraph=True)
         HEAD_LOSS = torch.compile(head_loss, dynamic=False, fullgraph=True)
         HEAD_NLL = torch.compile(head_nll, dynamic=False, fullgraph=True)
+        MERGE_SKIP = torch.compile(merge_skip, dynamic=False, fullgraph=True)
     else:
         compiled_block = run_block
-        HEAD_LOSS, HEAD_NLL = head_loss, head_nll
+        HEAD_LOSS, HEAD_NLL, MERGE_SKIP = head_loss, head_nll, merge_skip
     for m in model_or_models:
         m.block_fn = compiled_block
     return f"attention:{ATTENTION_BACKEND} gqa:{h.sdpa_gqa} compile:{int(use_compile)}"
@@ -986,47 +996,66 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             r, c = p.shape
             buckets.setdefault((min(r, c), max(r, c)), []).append(i)
-        self.plan = []  # (param indices, owned slice) per bucket
+        # The flat update buffer follows bucket order, same shapes adjacent, so each rank's share of a
+        # bucket is one run of whole matrices per shape, written with a single copy.
+        self.offsets: dict[int, int] = {}
+        self.plan: list[list[tuple[list[int], int, int]]] = []  # per bucket: (param indices, start, end) runs this rank owns
+        pos = 0
         for key in sorted(buckets):
-            idx = buckets[key]
+            idx = sorted(buckets[key], key=lambda i: (tuple(params[i].shape), i))
             share = math.ceil(len(idx) / world_size)
-            self.plan.append((idx, slice(min(rank * share, len(idx)), min((rank + 1) * share, len(idx)))))
-        self.offsets = np.concatenate([[0], np.cumsum([p.numel() for p in params])]).tolist()
+            owned = set(idx[rank * share:(rank + 1) * share])
+            runs: list[tuple[list[int], int, int]] = []
+            for i in idx:
+                self.offsets[i] = pos
+                if i in owned:
+                    if runs and params[runs[-1][0][-1]].shape == params[i].shape and runs[-1][2] == pos:
+                        runs[-1] = (runs[-1][0] + [i], runs[-1][1], pos + params[i].numel())
+                    else:
+                        runs.append(([i], pos, pos + params[i].numel()))
+                pos += params[i].numel()
+            self.plan.append(runs)
+        self.total = pos
 
     @torch.no_grad()
     def step(self):
         group = self.param_groups[0]
         params, lr, momentum, wd = group["params"], group["lr"], group["momentum"], group["weight_decay"]
-        device = params[0].device
-        flat = torch.zeros(self.offsets[-1], device=device, dtype=torch.bfloat16)
-        for idx, owned in self.plan:
-            mine = [params[i] for i in idx[owned]]
-            if not mine:
-                continue
-            grads = []
-            for p in mine:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                state = self.state[p]
+        flat = torch.zeros(self.total, device=params[0].device, dtype=torch.bfloat16)
+        owned = [i for runs in self.plan for run in runs for i in run[0]]
+        if owned:
+            grads = [params[i].grad if params[i].grad is not None else torch.zeros_like(params[i]) for i in owned]
+            bufs = []
+            for i in owned:
+                state = self.state[params[i]]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(g)
-                grads.append(g.add(buf, alpha=momentum))  # Nesterov
-            if self.row_normalize:
-                grads = [g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7) for g in grads]
-            tall = [g.size(0) > g.size(1) for g in grads]
-            stacked = torch.stack([g.mT if t else g for g, t in zip(grads, tall)])
-            ortho = NEWTON_SCHULZ(stacked, self.backend_steps)
-            for k, (i, p) in enumerate(zip(idx[owned], mine)):
-                u = ortho[k].mT if tall[k] else ortho[k]
-                u = u * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                flat[self.offsets[i]:self.offsets[i + 1]] = u.reshape(-1)
+                    state["momentum_buffer"] = torch.zeros_like(params[i])
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            nesterov = dict(zip(owned, torch._foreach_add(grads, bufs, alpha=momentum)))
+        for runs in self.plan:
+            if not runs:
+                continue
+            oriented, tall = [], []
+            for idx, _, _ in runs:
+                G = torch.stack([nesterov[i] for i in idx])
+                if self.row_normalize:
+                    G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                tall.append(G.size(1) > G.size(2))
+                oriented.append(G.mT if tall[-1] else G)
+            X = NEWTON_SCHULZ(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps)
+            for (idx, start, end), G, t in zip(runs, oriented, tall):
+                U, X = X[:G.size(0)], X[G.size(0):]
+                U = U.mT if t else U
+                rows, cols = U.shape[-2:]
+                flat[start:end].view_as(U).copy_(U * max(1.0, rows / cols) ** 0.5)
         if self.world_size > 1:
             dist.all_reduce(flat)
-        updates = [flat[self.offsets[i]:self.offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
+        updates = flat.float()
         if wd > 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_add_(params, [u.float() for u in updates], alpha=-lr)
+        torch._foreach_add_(params, [updates[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p) for i, p in enumerate(params)], alpha=-lr)
 
 
 CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates")

@@ -50,13 +50,13 @@ def timed_steps(trainer, device, steps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / steps
 
 
-def profile_table(trainer, device, rows: int = 30) -> str:
+def profile_table(trainer, device, rows: int = 60) -> str:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
             trainer.step(i, 1.0, trainer.h.grad_accum_steps)
         tg.sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
 def main() -> int:

@@ -139,8 +139,14 @@ def test_muon_buckets_and_rank_shares():
     for rank in range(2):
         opt = tg.Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, row_normalize=True,
                       rank=rank, world_size=2)
-        assert sorted(tuple(idx) for idx, _ in opt.plan) == [(0, 1, 2, 4), (3,)]
-        owned.append(sorted(i for idx, sl in opt.plan for i in idx[sl]))
+        # two buckets: the 16x48 / 48x16 matrices (transposes share one) and the 24x24 one
+        assert len(opt.plan) == 2
+        mine = [i for runs in opt.plan for idx, _, _ in runs for i in idx]
+        for runs in opt.plan:  # a run holds same-shape matrices, laid out contiguously in the flat buffer
+            for idx, start, end in runs:
+                assert len({tuple(params[i].shape) for i in idx}) == 1
+                assert end - start == sum(params[i].numel() for i in idx)
+        owned.append(sorted(mine))
     assert sorted(owned[0] + owned[1]) == list(range(5))  # every matrix exactly once
     assert not set(owned[0]) & set(owned[1])
 
