@@ -269,7 +269,8 @@ class Hyperparameters:
     def __init__(self, environ=None, cuda_available=None):
         environ = dict(os.environ if environ is None else environ)
         cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-        self.explicit = {s.name for s in SETTINGS if s.name in environ}
+        self.explicit_values = {s.name: environ[s.name] for s in SETTINGS if s.name in environ}
+        self.explicit = set(self.explicit_values)
         preset = _parse_value(SETTINGS_BY_NAME["PRESET"], environ.get("PRESET", "auto"))
         _check_value(SETTINGS_BY_NAME["PRESET"], preset)
         self.sample_data = False
@@ -1275,6 +1276,7 @@ class Trainer:
         train_ms += 1000 * (time.perf_counter() - t0)
         if stopped_by_cap:
             log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
+        log(f"train_end: step:{step} train_time:{train_ms:.0f}ms reason:{'wallclock_cap' if stopped_by_cap else 'iterations'}")
         if device.type == "cuda":
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
@@ -1611,23 +1613,56 @@ def artifact_config(blob: bytes, source: str) -> dict:
     return parse_artifact(blob, source)[0]["config"]
 
 
-def strip_docstrings(tree: ast.AST) -> ast.AST:
+def _docstring_owners(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
+                yield node, first
+
+
+def strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node, _ in list(_docstring_owners(tree)):
+        node.body = node.body[1:] or [ast.Pass()]
     return tree
+
+
+def strip_source(source: str) -> str:
+    """Drop docstrings, comments and blank lines; keep every other character as written. Works from
+    source positions (ast + tokenize), so the result is the same on every Python version, unlike
+    ast.unparse, and a reviewer can reproduce the packed size anywhere."""
+    import tokenize
+    lines = source.splitlines()
+    keep = [True] * len(lines)
+    protected = set()  # interior lines of multi-line strings: never touch them
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and node.end_lineno > node.lineno:
+            protected.update(range(node.lineno, node.end_lineno))  # 0-based indices of lines lineno+1..end
+    for owner, doc in _docstring_owners(tree):
+        first, last = doc.lineno - 1, doc.end_lineno - 1
+        protected.difference_update(range(first, last + 1))
+        for i in range(first, last + 1):
+            keep[i] = False
+        if len(owner.body) == 1:  # the body would be empty: a `pass` takes the docstring's place
+            keep[first] = True
+            lines[first] = " " * doc.col_offset + "pass"
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col].rstrip()
+    out = [line for i, line in enumerate(lines) if keep[i] and (line.strip() or i in protected)]
+    return "\n".join(out) + "\n"
 
 
 PACKED_HEAD = "import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("
 
 
 def pack_source(source: str) -> str:
-    """The submission copy of this script: docstrings and comments dropped (ast round trip), Brotli-11
+    """The submission copy of this script: docstrings, comments and blank lines dropped, Brotli-11
     compressed (smaller than LZMA on source text), base85-encoded, wrapped in a two-line self-extracting
     script that runs the same program."""
-    minified = ast.unparse(strip_docstrings(ast.parse(source)))
+    minified = strip_source(source)
     encoded = base64.b85encode(compress(minified.encode(), "brotli")).decode()
     return f'{PACKED_HEAD}"{encoded}")),"train_gpt.py","exec"))\n'
 
@@ -1958,6 +1993,8 @@ def log_header(h, device: torch.device) -> int:
     log("settings:")
     for line in h.as_lines():
         log(line)
+    # What was set by hand, so a record README can give the exact command that reproduces the run.
+    log("env_set: " + " ".join(f"{n}={v}" for n, v in sorted(h.explicit_values.items())))
     log(f"derived: grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs} "
         f"tokens_per_micro_batch:{h.micro_batch_seqs * h.train_seq_len}")
     for w in h.typo_warnings:
