@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # One device call: prepare the shared corpus (if not already there), then the throughput and eval
 # benchmarks for several attention variants. Results go to $OUT/bench.txt.
-set -u -o pipefail
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-[ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
-  python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
-    --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null
+source bench/device_setup.sh
 export DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-196608}
 for variant in "$@"; do
   echo "=== $variant" | tee -a $OUT/bench.txt

@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU machine: throughput on 1 and on 2 GPUs (same host, record batch), then a short
 # end-to-end run on 2 GPUs (DDP, split Muon, summed Hessians, artifact broadcast, distributed TTT).
-set -u -o pipefail
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-[ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
-  python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
-    --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null
+source bench/device_setup.sh
 export DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=786432
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 200 python3 bench/bench_train.py --steps 6 --label "1 GPU" 2>&1 | grep "^{" | tee -a $OUT/multi.txt

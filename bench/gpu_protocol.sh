@@ -2,12 +2,7 @@
 # One device call for the quality protocol of notes/quality.md: prepare the shared corpus (if this warm
 # machine doesn't have it yet), then run the given seeds through tools/run_seeds.py; the seed logs land
 # in $OUT. Extra settings: PROTO_EXTRA="KEY=VALUE ..." in the environment.
-set -u -o pipefail
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-[ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
-  python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
-    --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null
+source bench/device_setup.sh
 envs=(DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=196608 MAX_WALLCLOCK_SECONDS=180 MUON_MOMENTUM_WARMUP_STEPS=150
       EMA_DECAY=0.97 GPTQ_CALIBRATION_BATCHES=16 TTT_ENABLED=1 TRAIN_LOG_EVERY=50 MODEL_PATH=/tmp/final_model.pt
       ARTIFACT_PATH=/tmp/final_model.int6.ptz LOGS_DIR=/tmp/logs ${PROTO_EXTRA:-})

@@ -1,0 +1,9 @@
+# Sourced by the bench/gpu_*.sh device scripts: brotli from the carried wheel (.whl/), and the shared
+# corpus turned into shards in data_corpus/ unless this warm machine has them already (.gpu/corpus is
+# a copy of ../shared/corpus, carried with the call).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+[ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
+  python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
+    --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null
