@@ -270,7 +270,6 @@ class Hyperparameters:
         environ = dict(os.environ if environ is None else environ)
         cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
         self.explicit_values = {s.name: environ[s.name] for s in SETTINGS if s.name in environ}
-        self.explicit = set(self.explicit_values)
         preset = _parse_value(SETTINGS_BY_NAME["PRESET"], environ.get("PRESET", "auto"))
         _check_value(SETTINGS_BY_NAME["PRESET"], preset)
         self.sample_data = False
@@ -300,6 +299,11 @@ class Hyperparameters:
         self.typo_warnings = self._find_typos(environ)
         self._derive(environ)
         self._validate()
+
+    @property
+    def explicit(self) -> set[str]:
+        """Names of the settings given in the environment (the rest are defaults)."""
+        return set(self.explicit_values)
 
     @staticmethod
     def _find_typos(environ) -> list[str]:
