@@ -141,6 +141,9 @@ def test_muon_buckets_and_rank_shares():
                       rank=rank, world_size=2)
         # two buckets: the 16x48 / 48x16 matrices (transposes share one) and the 24x24 one
         assert len(opt.plan) == 2
+        # bucket members sit together in the flat buffer, buckets in order of their sorted shape key
+        flat_order = sorted(range(5), key=opt.offsets.get)
+        assert set(flat_order[:4]) == {0, 1, 2, 4} and flat_order[4] == 3
         mine = [i for runs in opt.plan for idx, _, _ in runs for i in idx]
         for runs in opt.plan:  # a run holds same-shape matrices, laid out contiguously in the flat buffer
             for idx, start, end in runs:
