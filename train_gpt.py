@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import inspect
 import io
 import json
 import lzma
@@ -1183,8 +1184,11 @@ class Trainer:
         module = TrainingModule(model)
         if h.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            # Buffers (ln_scale) are constants: no sync per forward. PyTorch >= 2.13 renamed the switch.
+            no_buffer_sync = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                               else "broadcast_buffers"): False}
             module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                         broadcast_buffers=False, gradient_as_bucket_view=True)
+                         gradient_as_bucket_view=True, **no_buffer_sync)
         self.module = module
         self.opt = Optimizers(h, model)
         self.loader = TrainLoader(h, device)
@@ -2184,7 +2188,7 @@ def pack_command(out_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global log
+    global log, SKIP_FINALIZATION
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--pack"]:
         if len(argv) != 2:
@@ -2223,8 +2227,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.close()
         if dist.is_available() and dist.is_initialized():
+            SKIP_FINALIZATION = dist.get_backend() == "gloo"
             dist.destroy_process_group()
 
 
+# PyTorch leaks the default gloo process group once DDP has been built on it, so its worker threads outlive
+# destroy_process_group. When one of them drops its last reference to a collective's tensor while the
+# interpreter is finalizing, it cannot take the GIL, is unwound through a noexcept destructor and aborts the
+# process (SIGABRT after `run_complete`, about one CPU run in five on a loaded 2-core machine). A gloo run
+# therefore leaves with os._exit once everything is written and flushed; NCCL runs exit normally.
+SKIP_FINALIZATION = False
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if SKIP_FINALIZATION:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
