@@ -123,6 +123,7 @@ SETTINGS: list[Setting] = [
     _s("EVAL_ONLY", bool, False, "ours: skip training; load ARTIFACT_PATH and run the evaluations"),
     _s("COMPILE", str, "auto", "ours: torch.compile: auto (on with CUDA) | 1 | 0", choices=("auto", "0", "1")),
     _s("ATTENTION_BACKEND", str, "auto", "ours: auto (FA3 if importable, else SDPA) | fa3 | sdpa (PyTorch picks) | sdpa_flash | sdpa_cudnn", choices=("auto", "fa3", "sdpa", "sdpa_flash", "sdpa_cudnn")),
+    _s("FUSED_CE", bool, True, "ours: training loss through the fused Triton soft-capped cross entropy on GPU (0 = the compiled plain path)"),
     _s("SDPA_GQA", str, "native", "ours: GQA in SDPA: native (enable_gqa) | repeat (copy K/V per head)", choices=("native", "repeat")),
     # --- schedule and batch
     _s("ITERATIONS", int, 20000, "max training steps", min=0),
@@ -915,6 +916,88 @@ def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Ten
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
+# Fused soft-capped cross entropy (training loss on GPU). The plain path materializes the logits, then
+# Inductor reads them several times and writes fp32 intermediates. Here one Triton program per row computes
+# the loss and the gradient with respect to the raw logits and overwrites the logits with that gradient;
+# backward is then just the two matmuls. The row is walked in BLOCK-wide chunks twice: online max and sum
+# of exponentials first, then the gradient (the second read mostly hits L2). Holding a whole row in
+# registers instead was slower at vocab 8192 (notes/speed.md). Math as in head_loss:
+# s = cap*tanh(z/cap), loss = logsumexp(s) - s[target], dloss/dz = (softmax(s) - onehot(target)) * (1 - tanh(z/cap)^2).
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - no Triton (CPU-only installs): the plain path is used
+    triton = None
+
+FUSED_CE_CONFIG = {"block": 2048, "num_warps": 8}  # fastest of those bench/bench_ce.py tried on an H100
+
+if triton is not None:
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)  # saturates cleanly to +-1 for large |x|
+
+    @triton.jit
+    def _softcapped_ce_rows(logits_ptr, targets_ptr, losses_ptr, row_stride, n_cols, cap, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * row_stride
+        target = tl.load(targets_ptr + row)
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.zeros((), tl.float32)
+        for start in range(0, n_cols, BLOCK):  # pass 1: online log-sum-exp
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < n_cols
+            s = cap * _tanh(tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) / cap)
+            s = tl.where(inside, s, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(s, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max), axis=0)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        s_target = cap * _tanh(tl.load(base + target).to(tl.float32) / cap)
+        tl.store(losses_ptr + row, lse - s_target)
+        for start in range(0, n_cols, BLOCK):  # pass 2: gradient, written over the logits
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < n_cols
+            t = _tanh(tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) / cap)
+            grad = (tl.exp(cap * t - lse) - (cols == target).to(tl.float32)) * (1.0 - t * t)
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+def softcapped_ce_in_place(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Per-row losses of (N, V) logits; the logits are replaced by d loss_i / d logits."""
+    n_rows, n_cols = logits.shape
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = min(FUSED_CE_CONFIG["block"], triton.next_power_of_2(n_cols))
+    _softcapped_ce_rows[(n_rows,)](logits, targets, losses, logits.stride(0), n_cols, float(cap), BLOCK=block,
+                                   num_warps=FUSED_CE_CONFIG["num_warps"])
+    return losses
+
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Mean soft-capped cross entropy of hidden @ weight^T, with the Triton kernel above."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+        flat = hidden.reshape(-1, hidden.size(-1))
+        logits = flat @ weight.to(hidden.dtype).t()  # (N, V); becomes the gradient buffer
+        losses = softcapped_ce_in_place(logits, targets.reshape(-1), cap)
+        ctx.save_for_backward(flat, weight, logits)
+        ctx.hidden_shape = hidden.shape
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        flat, weight, grad_logits = ctx.saved_tensors
+        # d mean / d loss_i goes on the small operands, in float32 (a bf16 scale would be off by up to 0.4 %)
+        scale = grad_loss.float() / grad_logits.size(0)
+        grad_hidden = grad_logits @ (weight.float() * scale).to(grad_logits.dtype)
+        grad_weight = (grad_logits.t() @ flat).float() * scale
+        return grad_hidden.view(ctx.hidden_shape), grad_weight.to(weight.dtype), None, None
+
+
+def fused_head_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+    return SoftcappedCrossEntropy.apply(hidden, weight, targets, cap)
+
+
 # Compiled versions (set by configure_runtime); plain functions on CPU.
 HEAD_LOSS = head_loss
 HEAD_NLL = head_nll
@@ -945,9 +1028,12 @@ def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
     else:
         compiled_block = run_block
         HEAD_LOSS, HEAD_NLL, MERGE_SKIP = head_loss, head_nll, merge_skip
+    fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    if fused_ce:
+        HEAD_LOSS = fused_head_loss
     for m in model_or_models:
         m.block_fn = compiled_block
-    return f"attention:{ATTENTION_BACKEND} gqa:{h.sdpa_gqa} compile:{int(use_compile)}"
+    return f"attention:{ATTENTION_BACKEND} gqa:{h.sdpa_gqa} compile:{int(use_compile)} fused_ce:{int(fused_ce)}"
 
 
 def model_loss(model: GPT, ids: Tensor, targets: Tensor) -> Tensor:
@@ -1667,16 +1753,20 @@ def strip_source(source: str) -> str:
     return "\n".join(out) + "\n"
 
 
-PACKED_HEAD = "import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("
+# The unpacked source is registered in linecache under a name that is not a file: Triton's @jit reads a
+# kernel's source through inspect, which fails for code compiled from a string (and would read the packed
+# file itself if the code were compiled under its real name).
+PACKED_HEAD = "import brotli,base64,linecache as L\ns=brotli.decompress(base64.b85decode("
+PACKED_TAIL = ')).decode()\nf="<train_gpt>"\nL.cache[f]=(len(s),None,s.splitlines(True),f)\nexec(compile(s,f,"exec"))\n'
 
 
 def pack_source(source: str) -> str:
     """The submission copy of this script: docstrings, comments and blank lines dropped, Brotli-11
-    compressed (smaller than LZMA on source text), base85-encoded, wrapped in a two-line self-extracting
+    compressed (smaller than LZMA on source text), base85-encoded, wrapped in a five-line self-extracting
     script that runs the same program."""
     minified = strip_source(source)
     encoded = base64.b85encode(compress(minified.encode(), "brotli")).decode()
-    return f'{PACKED_HEAD}"{encoded}")),"train_gpt.py","exec"))\n'
+    return f'{PACKED_HEAD}"{encoded}"{PACKED_TAIL}'
 
 
 def unpack_source(packed: str) -> str:

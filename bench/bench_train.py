@@ -77,7 +77,7 @@ def main() -> int:
     compile_s = time.time() - t0
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "label": args.label, "runtime": runtime, "batch_tokens": h.train_batch_tokens, "grad_accum": h.grad_accum_steps,
-           "micro_batch_seqs": h.micro_batch_seqs, "compile_s": round(compile_s, 1), "launch_to_ready_s": round(time.time() - tg.PROCESS_START, 1)}
+           "micro_batch_seqs": h.micro_batch_seqs, "gpus": h.world_size, "compile_s": round(compile_s, 1), "launch_to_ready_s": round(time.time() - tg.PROCESS_START, 1)}
     tables = {}
     for looping in (False, True):
         model.looping = looping
@@ -89,7 +89,8 @@ def main() -> int:
         out[f"ms_step_{key}"] = round(ms, 2)
         out[f"tok_s_{key}"] = round(tok_s)
         out[f"mflop_per_token_{key}"] = round(flops_per_token(h, looping) / 1e6, 1)
-        out[f"mfu_{key}"] = round(tok_s * flops_per_token(h, looping) / H100_BF16_PEAK, 4)
+        # per GPU: tokens/s of all ranks over the peak of all ranks
+        out[f"mfu_{key}"] = round(tok_s * flops_per_token(h, looping) / (H100_BF16_PEAK * h.world_size), 4)
         if device.type == "cuda":
             out[f"peak_mem_gb_{key}"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if args.profile:

@@ -3,7 +3,8 @@
 # a copy of ../shared/corpus, carried with the call).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site  # skip the install when a parent script already did it (parallel runs share /tmp/site)
+python3 -c "import brotli" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 [ -f data_corpus/datasets/fineweb10B_sp8192/fineweb_val_000000.bin ] || \
   python3 data/prepare.py text --input .gpu/corpus/docs_train.jsonl.xz --val-input .gpu/corpus/docs_val.jsonl.xz \
     --tokenizer .gpu/corpus/sp8192.model --out data_corpus > /dev/null

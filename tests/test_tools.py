@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools import logparse, pack_record, plot_loss, run_seeds, significance, summarize  # noqa: E402
+from tools import compare_curves, logparse, pack_record, plot_loss, run_seeds, significance, summarize  # noqa: E402
 
 SOURCE = "print('readable training script')\n" * 50
 PACKED = "#packed\n" + "x" * 123 + "\n"
@@ -416,8 +416,31 @@ def test_plot_loss_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ all tools
 
-@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse"])
+@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves"])
 def test_help(tool):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def _curve_log(tmp_path, name, losses: dict[int, float]) -> str:
+    lines = [f"{s}/200 train_loss: {v:.4f} train_time: {100 * s}ms step_avg: 100.00ms" for s, v in losses.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_compare_curves_within_and_outside_noise(tmp_path, capsys):
+    steps = range(10, 210, 10)
+    ref = _curve_log(tmp_path, "ref.txt", {s: 9.0 - s / 100 for s in steps})
+    close = _curve_log(tmp_path, "close.txt", {s: 9.0 - s / 100 + 0.002 for s in steps})
+    far = _curve_log(tmp_path, "far.txt", {s: 9.0 - s / 100 + (0.2 if s == 120 else 0.0) for s in steps})
+    noise = _curve_log(tmp_path, "noise.txt", {s: 9.0 - s / 100 - 0.005 for s in range(10, 310, 10)})
+    assert compare_curves.main([ref, close, "--noise", noise]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tested"]["steps"] == 20 and out["tested"]["mean_abs"] == pytest.approx(0.002, abs=1e-6)
+    assert out["noise"]["last"] == 200 and out["within_noise"] is True  # steps past --steps are ignored
+    assert compare_curves.main([ref, far, "--noise", noise]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["tested"]["max_at"] == 120 and out["tested"]["max_abs"] == pytest.approx(0.2, abs=1e-6)
+    assert compare_curves.main([ref, str(tmp_path / "missing.txt")]) == 2
