@@ -123,6 +123,7 @@ SETTINGS: list[Setting] = [
     _s("EVAL_ONLY", bool, False, "ours: skip training; load ARTIFACT_PATH and run the evaluations"),
     _s("COMPILE", str, "auto", "ours: torch.compile: auto (on with CUDA) | 1 | 0", choices=("auto", "0", "1")),
     _s("ATTENTION_BACKEND", str, "auto", "ours: auto (FA3 if importable, else SDPA) | fa3 | sdpa (PyTorch picks) | sdpa_flash | sdpa_cudnn", choices=("auto", "fa3", "sdpa", "sdpa_flash", "sdpa_cudnn")),
+    _s("FUSED_QKV", bool, False, "ours: q, k and v in one matmul (weights stacked per call); not yet measured on GPU"),
     _s("FUSED_CE", bool, True, "ours: training loss through the fused Triton soft-capped cross entropy on GPU (0 = the compiled plain path)"),
     _s("SDPA_GQA", str, "native", "ours: GQA in SDPA: native (enable_gqa) | repeat (copy K/V per head)", choices=("native", "repeat")),
     # --- schedule and batch
@@ -727,7 +728,8 @@ class CastedLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
+                 fused_qkv: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -737,12 +739,21 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.use_xsa = use_xsa
+        # FUSED_QKV: one matmul against the three weights stacked (per call; the parameters stay separate,
+        # so Muon, GPTQ and the artifact see q, k and v as before); backward then needs one matmul for
+        # the input's gradient instead of three plus their sum.
+        self.fused_qkv, self.qkv_split = fused_qkv, (dim, kv_dim, kv_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv:
+            w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight)).to(x.dtype)
+            q, k, v = F.linear(x, w).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_partial_rope(rms_norm(q), cos, sin), apply_partial_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v)
@@ -770,7 +781,7 @@ class Block(nn.Module):
         super().__init__()
         dim = h.model_dim
         use_xsa = layer_idx >= h.num_layers - h.xsa_last_n
-        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa)
+        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa, h.fused_qkv)
         self.mlp = MLP(dim, int(h.mlp_mult * dim))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -1416,6 +1427,10 @@ def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -
 
     for key in sorted({hessian_key(n) for n in names}):
         if key in ("tok_emb.weight", "lm_head.weight"):
+            continue
+        if key.endswith(".attn.c_q.weight"):  # q, k, v read the attention's input (FUSED_QKV skips c_q's forward)
+            module = modules[key.removesuffix(".c_q.weight")]
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: add(key, args[0])))
             continue
         module = modules[key.removesuffix(".weight")]
         hooks.append(module.register_forward_hook(lambda m, inp, out, key=key: add(key, inp[0])))

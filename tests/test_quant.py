@@ -368,3 +368,16 @@ def test_quantized_model_stays_close_to_float(quantized_tiny):
     with torch.no_grad():
         lf, lq = model(*ids).item(), qmodel(*ids).item()
     assert math.isfinite(lq) and abs(lf - lq) < 0.05 * abs(lf), (lf, lq)
+
+
+def test_fused_qkv_collects_the_same_hessians():
+    """FUSED_QKV skips c_q's own forward; the shared q/k/v Hessian must still come from the attention input."""
+    plain, h = tiny_model()
+    fused, hf = tiny_model(FUSED_QKV="1")
+    fused.load_state_dict(plain.state_dict())
+    assert hf.fused_qkv and all(b.attn.fused_qkv for b in fused.blocks)
+    h_plain = tg.collect_hessians(plain, RandomTokens(h.vocab_size, 2, h.train_seq_len, seed=3), h, torch.device("cpu"))
+    h_fused = tg.collect_hessians(fused, RandomTokens(h.vocab_size, 2, h.train_seq_len, seed=3), hf, torch.device("cpu"))
+    assert set(h_plain) == set(h_fused)
+    for key in h_plain:
+        assert torch.allclose(h_plain[key], h_fused[key], rtol=1e-5, atol=1e-6), key
