@@ -1009,6 +1009,29 @@ def fused_head_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float)
     return SoftcappedCrossEntropy.apply(hidden, weight, targets, cap)
 
 
+def fused_ce_self_check(device: torch.device, vocab_size: int, cap: float) -> str | None:
+    """Run the fused loss once on a small problem of the run's vocabulary against head_loss. None when
+    they agree; otherwise why not (the caller falls back to the plain path, so a Triton version the
+    kernel does not suit costs speed, not the run)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(64, 32, device=device, generator=g).to(torch.bfloat16)
+        weight = torch.randn(vocab_size, 32, device=device, generator=g)
+        targets = torch.randint(0, vocab_size, (64,), device=device, generator=g)
+        results = []
+        for fn in (fused_head_loss, head_loss):
+            x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = fn(x, w, targets, cap)
+            loss.backward()
+            results.append((loss.float(), x.grad.float(), w.grad.float()))
+        for name, a, b in zip(("loss", "hidden gradient", "weight gradient"), *results):
+            if not torch.isfinite(a).all() or (a - b).abs().max() > 0.05 * b.abs().max() + 1e-6:
+                return f"its {name} differs from the plain path's"
+    except Exception as e:  # noqa: BLE001 - any failure (compile, launch, numerics) means "don't use it"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 # Compiled versions (set by configure_runtime); plain functions on CPU.
 HEAD_LOSS = head_loss
 HEAD_NLL = head_nll
@@ -1041,7 +1064,12 @@ def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
         HEAD_LOSS, HEAD_NLL, MERGE_SKIP = head_loss, head_nll, merge_skip
     fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
     if fused_ce:
-        HEAD_LOSS = fused_head_loss
+        problem = fused_ce_self_check(device, h.vocab_size, h.logit_softcap)
+        if problem is None:
+            HEAD_LOSS = fused_head_loss
+        else:
+            fused_ce = False
+            log(f"warning: fused cross entropy disabled, the plain path is used instead ({problem}); FUSED_CE=0 silences this")
     for m in model_or_models:
         m.block_fn = compiled_block
     return f"attention:{ATTENTION_BACKEND} gqa:{h.sdpa_gqa} compile:{int(use_compile)} fused_ce:{int(fused_ce)}"

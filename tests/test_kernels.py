@@ -63,3 +63,48 @@ def test_fused_softcapped_cross_entropy_matches_plain_head_loss():
         tol = 1e-5 if exact else 2e-2  # bf16: the gradient of the logits is rounded to bf16 on both paths
         assert case["hidden_err"] < tol and case["weight_err"] < tol, case
         assert case["finite"], case
+
+
+SELF_CHECK_CHILD = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import train_gpt as tg
+cpu = torch.device("cpu")
+out = {"good": tg.fused_ce_self_check(cpu, 300, 30.0)}
+tg.FUSED_CE_CONFIG = {"block": 48, "num_warps": 4}  # not a power of two: Triton refuses the kernel
+out["broken_kernel"] = tg.fused_ce_self_check(cpu, 300, 30.0)
+tg.FUSED_CE_CONFIG = {"block": 2048, "num_warps": 8}
+plain = tg.head_loss
+tg.fused_head_loss = lambda h, w, t, cap: 1.5 * plain(h, w, t, cap)  # runs, but computes the wrong thing
+out["wrong_numbers"] = tg.fused_ce_self_check(cpu, 300, 30.0)
+print(json.dumps(out))
+"""
+
+
+def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
+    """On GPU, configure_runtime only uses the fused loss after this check; a failure falls back to the
+    plain path with a warning instead of stopping the run."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SELF_CHECK_CHILD, str(REPO)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["good"] is None
+    assert out["broken_kernel"] and "Error" in out["broken_kernel"]
+    assert out["wrong_numbers"] == "its loss differs from the plain path's"
+
+
+def test_configure_runtime_falls_back_when_the_self_check_fails(monkeypatch, capsys):
+    """A 'cuda' device on this CPU machine: the self-check cannot even allocate, so the run must go on with
+    the plain loss and one warning line, not stop."""
+    sys.path.insert(0, str(REPO))
+    import train_gpt as tg
+    from conftest import tiny_h
+    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP"):
+        monkeypatch.setattr(tg, name, getattr(tg, name))  # restored after the test
+    monkeypatch.setattr(tg, "log", tg.Logger(None, enabled=True))
+    desc = tg.configure_runtime(tiny_h(COMPILE="0"), tg.torch.device("cuda"), [])
+    assert "fused_ce:0" in desc and tg.HEAD_LOSS is tg.head_loss
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "fused cross entropy disabled" in warning[0], warning
