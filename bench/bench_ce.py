@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,15 +27,9 @@ CONFIGS = [  # chunk width and warps of the kernel; 8192 = a whole row of the re
 ]
 
 
-def timed(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps + 2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times[2:])
+def median_ms(device, fn, reps: int) -> float:
+    """Median milliseconds of fn over reps runs, after 2 untimed ones."""
+    return statistics.median([tg.timed(device, fn)[1] for _ in range(reps + 2)][2:])
 
 
 def main() -> int:
@@ -60,13 +53,13 @@ def main() -> int:
     step(plain)
     ref_h, ref_w = hidden.grad.float().clone(), weight.grad.clone()
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "tokens": args.tokens,
-           "vocab": args.vocab, "plain_ms": round(timed(lambda: step(plain), args.reps), 3), "fused": []}
+           "vocab": args.vocab, "plain_ms": round(median_ms(dev, lambda: step(plain), args.reps), 3), "fused": []}
     for cfg in CONFIGS:
         tg.FUSED_CE_CONFIG = cfg
         step(tg.fused_head_loss)
         err_h = ((hidden.grad.float() - ref_h).abs().max() / ref_h.abs().max()).item()
         err_w = ((weight.grad - ref_w).abs().max() / ref_w.abs().max()).item()
-        out["fused"].append({**cfg, "ms": round(timed(lambda: step(tg.fused_head_loss), args.reps), 3),
+        out["fused"].append({**cfg, "ms": round(median_ms(dev, lambda: step(tg.fused_head_loss), args.reps), 3),
                              "grad_err": round(max(err_h, err_w), 5)})
     print(json.dumps(out))
     return 0
