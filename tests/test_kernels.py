@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 pytest.importorskip("triton")
+
+import train_gpt as tg  # noqa: E402
+from conftest import tiny_h  # noqa: E402
 
 # Runs in the child: fused soft-capped cross entropy vs head_loss, loss and both gradients, for a vocabulary
 # that fills the kernel's chunks exactly and one that leaves masked columns, several chunks per row and one,
@@ -98,13 +103,10 @@ def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
 def test_configure_runtime_falls_back_when_the_self_check_fails(monkeypatch, capsys):
     """A 'cuda' device on this CPU machine: the self-check cannot even allocate, so the run must go on with
     the plain loss and one warning line, not stop."""
-    sys.path.insert(0, str(REPO))
-    import train_gpt as tg
-    from conftest import tiny_h
     for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP"):
         monkeypatch.setattr(tg, name, getattr(tg, name))  # restored after the test
     monkeypatch.setattr(tg, "log", tg.Logger(None, enabled=True))
-    desc = tg.configure_runtime(tiny_h(COMPILE="0"), tg.torch.device("cuda"), [])
+    desc = tg.configure_runtime(tiny_h(COMPILE="0"), torch.device("cuda"), [])
     assert "fused_ce:0" in desc and tg.HEAD_LOSS is tg.head_loss
     warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "fused cross entropy disabled" in warning[0], warning
