@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -123,7 +124,6 @@ SETTINGS: list[Setting] = [
     _s("EVAL_ONLY", bool, False, "ours: skip training; load ARTIFACT_PATH and run the evaluations"),
     _s("COMPILE", str, "auto", "ours: torch.compile: auto (on with CUDA) | 1 | 0", choices=("auto", "0", "1")),
     _s("ATTENTION_BACKEND", str, "auto", "ours: auto (FA3 if importable, else SDPA) | fa3 | sdpa (PyTorch picks) | sdpa_flash | sdpa_cudnn", choices=("auto", "fa3", "sdpa", "sdpa_flash", "sdpa_cudnn")),
-    _s("FUSED_QKV", bool, False, "ours: q, k and v in one matmul (weights stacked per call); not yet measured on GPU"),
     _s("FUSED_CE", bool, True, "ours: training loss through the fused Triton soft-capped cross entropy on GPU (0 = the compiled plain path)"),
     _s("SDPA_GQA", str, "native", "ours: GQA in SDPA: native (enable_gqa) | repeat (copy K/V per head)", choices=("native", "repeat")),
     # --- schedule and batch
@@ -728,8 +728,7 @@ class CastedLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
-                 fused_qkv: bool = False):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -739,18 +738,10 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.use_xsa = use_xsa
-        # FUSED_QKV: one matmul against the three weights stacked (per call; the parameters stay separate,
-        # so Muon, GPTQ and the artifact see q, k and v as before); backward then needs one matmul for
-        # the input's gradient instead of three plus their sum.
-        self.fused_qkv, self.qkv_split = fused_qkv, (dim, kv_dim, kv_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        if self.fused_qkv:
-            w = torch.cat((self.c_q.weight, self.c_k.weight, self.c_v.weight)).to(x.dtype)
-            q, k, v = F.linear(x, w).split(self.qkv_split, dim=-1)
-        else:
-            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -781,7 +772,7 @@ class Block(nn.Module):
         super().__init__()
         dim = h.model_dim
         use_xsa = layer_idx >= h.num_layers - h.xsa_last_n
-        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa, h.fused_qkv)
+        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa)
         self.mlp = MLP(dim, int(h.mlp_mult * dim))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -1286,11 +1277,54 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+class HostChannel:
+    """Small agreements between ranks about finished steps (elapsed time, divergence, the logged loss), made
+    on the host through a gloo group: a collective on the GPU stream would wait for the step in flight."""
+
+    def __init__(self, distributed: bool, own_group: bool | None = None):
+        """own_group: a gloo group of its own (automatic: unless the default group already is gloo)."""
+        self.group, self.world = None, 1
+        if distributed:
+            if own_group is None:
+                own_group = dist.get_backend() != "gloo"
+            self.group = dist.new_group(backend="gloo") if own_group else dist.group.WORLD
+            self.world = dist.get_world_size()
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def mean(self, values: list[float]) -> list[float]:
+        return [v / self.world for v in self._reduce(values, dist.ReduceOp.SUM)]
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.group is not None:
+            dist.all_reduce(t, op=op, group=self.group)
+        return t.tolist()
+
+
+@dataclasses.dataclass
+class StepInFlight:
+    """A step whose kernels are queued: its loss is copied to the host behind them, and `done` fires when
+    the copy (so the whole step) has finished."""
+    number: int
+    loss: Tensor
+    done: "torch.cuda.Event | None"
+
+    @staticmethod
+    def queue(number: int, loss: Tensor) -> "StepInFlight":
+        if not loss.is_cuda:
+            return StepInFlight(number, loss.detach(), None)
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss.detach(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return StepInFlight(number, host, done)
+
+    def wait(self) -> float:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.loss.item()
 
 
 @dataclasses.dataclass
@@ -1372,19 +1406,51 @@ class Trainer:
         ema = EMA(model, h.ema_decay)
         sync(device)
         log(f"startup: warm-up {time.time() - t_warm:.1f}s, first timed step {time.time() - PROCESS_START:.1f}s after launch")
+        # The host checks each step while the next one runs: after queueing step N it waits for step N-1's
+        # loss, so the GPU never idles between steps. Stopping, the schedule and the looping switch use the
+        # time at which the last checked step ended, agreed across ranks (the max), plus that step's length
+        # as the estimate for the step in flight.
+        channel = HostChannel(h.distributed)
+        in_flight: collections.deque[StepInFlight] = collections.deque()
         step, train_ms, stopped_by_cap = 0, 0.0, False
+        checked_ms, last_step_ms = 0.0, 0.0  # when the last checked step ended (train time), and its length
+
+        def check_oldest():
+            nonlocal checked_ms, last_step_ms, stopped_by_cap
+            done = in_flight.popleft()
+            loss_value = done.wait()
+            now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            ended_ms, bad = channel.max([now_ms, float(not math.isfinite(loss_value))])
+            if bad:
+                raise TrainingDiverged(
+                    f"the training loss became {loss_value} at step {done.number}: training diverged. Lower MATRIX_LR / "
+                    f"TIED_EMBED_LR / SCALAR_LR, or check GRAD_CLIP_NORM; the run stops here and writes no artifact.")
+            last_step_ms, checked_ms = ended_ms - checked_ms, ended_ms
+            if cap_ms is not None and checked_ms + (last_step_ms if in_flight else 0.0) >= cap_ms:
+                stopped_by_cap = True  # the step in flight (if any) ends past the cap: it is the last one
+            last = not in_flight and (stopped_by_cap or done.number == h.iterations)
+            n = done.number
+            if h.train_log_every > 0 and (n <= 5 or n % h.train_log_every == 0 or last):
+                tok_s = n * h.train_batch_tokens / (checked_ms / 1000)
+                loss_value = channel.mean([loss_value])[0]  # the whole batch's loss, not this rank's share
+                log(f"{n}/{h.iterations} train_loss: {loss_value:.4f} train_time: {checked_ms:.0f}ms "
+                    f"step_avg: {checked_ms / n:.2f}ms tok/s: {tok_s:.0f}")
+
         t0 = time.perf_counter()
-        while True:
-            if step == h.iterations or stopped_by_cap:
-                break
+        while step < h.iterations and not stopped_by_cap:
             if val is not None and h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0:
+                while in_flight:
+                    check_oldest()
+                if stopped_by_cap:
+                    break
                 sync(device)
                 train_ms += 1000 * (time.perf_counter() - t0)
                 loss, bpb, _, _ = evaluate_plain(model, val, h, device)
                 log(f"{step}/{h.iterations} val_loss: {loss:.4f} val_bpb: {bpb:.4f}")
                 t0 = time.perf_counter()
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            frac = elapsed / cap_ms if cap_ms is not None else step / max(h.iterations, 1)
+            # the step about to be queued starts on the GPU when the one in flight ends
+            start_ms = checked_ms + (last_step_ms if in_flight else 0.0)
+            frac = start_ms / cap_ms if cap_ms is not None else step / max(h.iterations, 1)
             if h.num_loops > 0 and not model.looping and frac >= h.enable_looping_at:
                 model.looping = True
                 enc, dec = model.layer_order()
@@ -1393,22 +1459,11 @@ class Trainer:
                              poison=step + 1 == h.debug_nan_at_step)
             ema.update()
             step += 1
-            sync(device)
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            # One host sync per step: all ranks agree on stopping and on a non-finite loss.
-            reached, bad = all_reduce_max(
-                [float(cap_ms is not None and elapsed >= cap_ms), float(not torch.isfinite(loss).item())], device)
-            if bad:
-                raise TrainingDiverged(
-                    f"the training loss became {loss.item()} at step {step}: training diverged. Lower MATRIX_LR / "
-                    f"TIED_EMBED_LR / SCALAR_LR, or check GRAD_CLIP_NORM; the run stops here and writes no artifact.")
-            stopped_by_cap = bool(reached)
-            if h.train_log_every > 0 and (step <= 5 or step % h.train_log_every == 0 or stopped_by_cap or step == h.iterations):
-                tok_s = step * h.train_batch_tokens / (elapsed / 1000)
-                if h.distributed:  # log the whole batch's loss, not rank 0's share
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                log(f"{step}/{h.iterations} train_loss: {loss.item():.4f} train_time: {elapsed:.0f}ms "
-                    f"step_avg: {elapsed / step:.2f}ms tok/s: {tok_s:.0f}")
+            in_flight.append(StepInFlight.queue(step, loss))
+            if len(in_flight) > 1:
+                check_oldest()
+        while in_flight:
+            check_oldest()
         sync(device)
         train_ms += 1000 * (time.perf_counter() - t0)
         if stopped_by_cap:
@@ -1456,7 +1511,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -
     for key in sorted({hessian_key(n) for n in names}):
         if key in ("tok_emb.weight", "lm_head.weight"):
             continue
-        if key.endswith(".attn.c_q.weight"):  # q, k, v read the attention's input (FUSED_QKV skips c_q's forward)
+        if key.endswith(".attn.c_q.weight"):  # q, k, v read the attention's input: one Hessian, hooked there
             module = modules[key.removesuffix(".c_q.weight")]
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: add(key, args[0])))
             continue

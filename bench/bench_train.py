@@ -8,6 +8,11 @@ for train_gpt.py (the record configuration by default with CUDA and shards prese
   DATA_DIR=./data_corpus python bench/bench_train.py --steps 20
   DATA_DIR=./data_corpus ATTENTION_BACKEND=sdpa_cudnn python bench/bench_train.py --steps 20 --profile
 
+--train-steps N also runs N steps through the script's own training loop (Trainer.train: per-step checks,
+EMA, logging), once without and once with looping, and reports their tokens/s as tok_s_train_noloop and
+tok_s_train_loop: what a real run gets. --script PATH benchmarks another copy of train_gpt.py (to compare
+two versions on one machine).
+
 FLOPs per token are counted from the configuration (model FLOPs, no recomputation): 6 x (linear weights
 of every virtual layer + the output head) + attention 6 x seq_len x model_dim per virtual layer (QK^T and
 AV, each 2 x d x t multiply-adds at average causal context t = T/2, forward + 2x backward). MFU divides by
@@ -16,6 +21,7 @@ the H100 SXM dense bf16 peak, 989 TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -23,8 +29,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402
+
+def load_train_gpt():
+    """This repository's train_gpt.py, or the copy named by --script."""
+    path = Path(__file__).resolve().parents[1] / "train_gpt.py"
+    for i, arg in enumerate(sys.argv):  # read before argparse runs: the module is needed to build the model
+        if arg == "--script" and i + 1 < len(sys.argv):
+            path = Path(sys.argv[i + 1]).resolve()
+        elif arg.startswith("--script="):
+            path = Path(arg.split("=", 1)[1]).resolve()
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tg = load_train_gpt()
 
 H100_BF16_PEAK = 989e12
 
@@ -50,7 +71,7 @@ def timed_steps(trainer, device, steps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / steps
 
 
-def profile_table(trainer, device, rows: int = 60) -> str:
+def profile_table(trainer, device, rows: int = 100) -> str:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
@@ -64,7 +85,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print a per-kernel CUDA time table for each phase")
     ap.add_argument("--label", default="", help="free text stored with the result")
+    ap.add_argument("--train-steps", type=int, default=0, help="also time this many steps of Trainer.train per phase")
+    ap.add_argument("--script", default="", help="benchmark this copy of train_gpt.py instead of the repository's")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=JSON",
+                    help="set torch._inductor.config.KEY before compiling (an experiment; repeatable)")
     args = ap.parse_args()
+    import torch._inductor.config as inductor_config
+    for item in args.inductor:
+        key, value = item.split("=", 1)
+        setattr(inductor_config, key, json.loads(value))
     h = tg.Hyperparameters()
     device = tg.setup_device(h)
     tg.log = tg.Logger(None, enabled=h.is_main)
@@ -76,7 +105,7 @@ def main() -> int:
     tg.sync(device)
     compile_s = time.time() - t0
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "label": args.label, "runtime": runtime, "batch_tokens": h.train_batch_tokens, "grad_accum": h.grad_accum_steps,
+           "label": args.label, "runtime": runtime, "batch_tokens": h.train_batch_tokens, "inductor": args.inductor, "grad_accum": h.grad_accum_steps,
            "micro_batch_seqs": h.micro_batch_seqs, "gpus": h.world_size, "compile_s": round(compile_s, 1), "launch_to_ready_s": round(time.time() - tg.PROCESS_START, 1)}
     tables = {}
     for looping in (False, True):
@@ -95,6 +124,15 @@ def main() -> int:
             out[f"peak_mem_gb_{key}"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if args.profile:
             tables[key] = profile_table(trainer, device)
+    for looping in (False, True) if args.train_steps else ():  # the real loop: per-step checks, EMA, logging
+        key = "loop" if looping else "noloop"
+        model.looping = False
+        trainer.h = h.replace(iterations=args.train_steps, max_wallclock_seconds=0.0, warmup_steps=0, val_loss_every=0,
+                              train_log_every=0, enable_looping_at=0.0 if looping else 2.0)
+        result, _ = trainer.train(None)
+        ms = result.train_time_ms / result.steps
+        out[f"ms_step_train_{key}"], out[f"tok_s_train_{key}"] = round(ms, 2), round(h.train_batch_tokens / (ms / 1000))
+    out["script"] = args.script or "train_gpt.py"
     out["ms_step"] = [out["ms_step_noloop"], out["ms_step_loop"]]
     out["mfu"] = out["mfu_loop"]
     out["peak_mem_gb"] = max(out.get("peak_mem_gb_noloop", 0), out.get("peak_mem_gb_loop", 0))

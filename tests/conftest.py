@@ -5,6 +5,7 @@ A small vocabulary keeps CPU runs fast: with 8192 pieces the output head dominat
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,27 @@ class RandomTokens:
     def next(self):
         w = torch.randint(0, self.vocab, (self.rows, self.seq + 1), generator=self.g)
         return w[:, :-1], w[:, 1:]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(args: list[str], extra_env: dict[str, str] | None = None, timeout: int = 120) -> list[str]:
+    """Run `python args...` as ranks 0 and 1 of a 2-process group (the script calls init_process_group
+    itself); asserts both exit 0 and returns their outputs (stdout and stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1", **(extra_env or {}))
+    procs = [subprocess.Popen([sys.executable, *args], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    return outputs

@@ -1,9 +1,6 @@
 """Muon (Newton-Schulz, the update, the rank split), schedules, EMA and the parameter groups."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 import types
@@ -16,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
-from conftest import tiny_h  # noqa: E402
+from conftest import run_two_ranks, tiny_h  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- Newton-Schulz
@@ -192,29 +189,11 @@ CASE = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_muon_split_over_two_gloo_ranks_equals_one_process(tmp_path, monkeypatch):
     (tmp_path / "muon_case.py").write_text(CASE)
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "params.pt"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(REPO), str(out)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    run_two_ranks([str(tmp_path / "worker.py"), str(REPO), str(out)], {"PYTHONPATH": str(tmp_path)})
     monkeypatch.syspath_prepend(str(tmp_path))
     import muon_case
     params, grads = muon_case.make_case()

@@ -370,14 +370,19 @@ def test_quantized_model_stays_close_to_float(quantized_tiny):
     assert math.isfinite(lq) and abs(lf - lq) < 0.05 * abs(lf), (lf, lq)
 
 
-def test_fused_qkv_collects_the_same_hessians():
-    """FUSED_QKV skips c_q's own forward; the shared q/k/v Hessian must still come from the attention input."""
-    plain, h = tiny_model()
-    fused, hf = tiny_model(FUSED_QKV="1")
-    fused.load_state_dict(plain.state_dict())
-    assert hf.fused_qkv and all(b.attn.fused_qkv for b in fused.blocks)
-    h_plain = tg.collect_hessians(plain, RandomTokens(h.vocab_size, 2, h.train_seq_len, seed=3), h, torch.device("cpu"))
-    h_fused = tg.collect_hessians(fused, RandomTokens(h.vocab_size, 2, h.train_seq_len, seed=3), hf, torch.device("cpu"))
-    assert set(h_plain) == set(h_fused)
-    for key in h_plain:
-        assert torch.allclose(h_plain[key], h_fused[key], rtol=1e-5, atol=1e-6), key
+def test_qkv_hessian_is_the_second_moment_of_the_attention_input():
+    """q, k and v share one Hessian, taken from a pre-hook on the attention module: it must equal X^T X / rows
+    of what c_q itself reads."""
+    model, h = tiny_model()
+    seen: dict[int, list] = {}
+    hooks = [b.attn.c_q.register_forward_hook(lambda m, inp, out, i=i: seen.setdefault(i, []).append(inp[0].reshape(-1, inp[0].size(-1)).float()))
+             for i, b in enumerate(model.blocks)]
+    try:
+        hessians = tg.collect_hessians(model, RandomTokens(h.vocab_size, 2, h.train_seq_len, seed=3), h, torch.device("cpu"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not any(k.endswith((".c_k.weight", ".c_v.weight")) for k in hessians)
+    for i, inputs in seen.items():
+        x = torch.cat(inputs)
+        torch.testing.assert_close(hessians[f"blocks.{i}.attn.c_q.weight"], x.T @ x / x.size(0), rtol=1e-5, atol=1e-6)
