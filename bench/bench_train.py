@@ -21,8 +21,10 @@ the H100 SXM dense bf16 peak, 989 TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,20 @@ def timed_steps(trainer, device, steps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / steps
 
 
+def write_trace(trainer, device, path: Path, steps: int = 2):
+    """A gzipped Chrome trace (chrome://tracing, Perfetto) of `steps` steps; tools/trace_gaps.py reads it."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            trainer.step(i, 1.0, trainer.h.grad_accum_steps)
+        tg.sync(device)
+    raw = path.with_suffix("")  # .json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+
+
 def profile_table(trainer, device, rows: int = 100) -> str:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -86,6 +102,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print a per-kernel CUDA time table for each phase")
     ap.add_argument("--label", default="", help="free text stored with the result")
     ap.add_argument("--train-steps", type=int, default=0, help="also time this many steps of Trainer.train per phase")
+    ap.add_argument("--trace", default="", metavar="DIR", help="also write a Chrome trace of 2 steps per phase to DIR/trace_<phase>.json.gz")
     ap.add_argument("--script", default="", help="benchmark this copy of train_gpt.py instead of the repository's")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=JSON",
                     help="set torch._inductor.config.KEY before compiling (an experiment; repeatable)")
@@ -124,6 +141,8 @@ def main() -> int:
             out[f"peak_mem_gb_{key}"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if args.profile:
             tables[key] = profile_table(trainer, device)
+        if args.trace:
+            write_trace(trainer, device, Path(args.trace) / f"trace_{key}.json.gz")
     for looping in (False, True) if args.train_steps else ():  # the real loop: per-step checks, EMA, logging
         key = "loop" if looping else "noloop"
         model.looping = False

@@ -1,6 +1,7 @@
 """Tests for tools/: synthetic seed logs in the format train_gpt.py writes, CPU only, a few seconds."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -14,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools import compare_curves, logparse, pack_record, plot_loss, run_seeds, significance, summarize  # noqa: E402
+from tools import compare_curves, logparse, pack_record, plot_loss, run_seeds, significance, summarize, trace_gaps  # noqa: E402
 
 SOURCE = "print('readable training script')\n" * 50
 PACKED = "#packed\n" + "x" * 123 + "\n"
@@ -444,3 +445,26 @@ def test_compare_curves_within_and_outside_noise(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tested"]["max_at"] == 120 and out["tested"]["max_abs"] == pytest.approx(0.2, abs=1e-6)
     assert compare_curves.main([ref, str(tmp_path / "missing.txt")]) == 2
+
+
+def test_trace_gaps_finds_idle_time_and_the_host_operation_it_waited_for(tmp_path):
+    """Three kernels: a 20 us gap before the second (launched inside Muon's step), the third overlapping the
+    second by 2 us (two streams): busy time counts the overlap once."""
+    def kernel(name, ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": 1,
+                "args": {"correlation": corr}}
+
+    events = [kernel("k1", 0, 10, 1), kernel("k2", 30, 10, 2), kernel("k3", 38, 20, 3),
+              launch(1, 1), launch(25, 2), launch(26, 3),
+              {"ph": "X", "cat": "user_annotation", "name": "Optimizer.step#Muon.step", "ts": 20, "dur": 10, "tid": 1},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 24, "dur": 2, "tid": 1}]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = trace_gaps.analyse(trace_gaps.load_events(str(path)))
+    assert (r["span_ms"], r["busy_ms"], r["idle_ms"]) == pytest.approx((0.058, 0.038, 0.020))
+    assert r["idle_by_host_op_ms"] == {"Optimizer.step#Muon.step": 0.02}
+    assert r["largest_gaps"] == [(20, "Optimizer.step#Muon.step", "k2")]
