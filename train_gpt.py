@@ -805,6 +805,29 @@ def merge_skip(x: Tensor, skip: Tensor, weight: Tensor, gate: Tensor | None) -> 
     return torch.lerp(scaled, x, torch.sigmoid(gate).to(x.dtype)) if gate is not None else x + scaled
 
 
+def sum_tensors(tensors: list[Tensor]) -> Tensor:
+    """Sum in float32, rounded once (compiled on GPU: one kernel reading every input once)."""
+    total = tensors[0].float()
+    for t in tensors[1:]:
+        total = total + t.float()
+    return total.to(tensors[0].dtype)
+
+
+class FanOut(torch.autograd.Function):
+    """n uses of one tensor (x0, read by every block). Autograd would add the n gradients pairwise, each
+    add reading two full tensors and writing one (3(n-1) passes); here they are summed in one pass
+    (n + 1). The n gradients are held until the last one arrives, at the end of backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n: int):
+        return tuple(x.detach() for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        return (SUM_TENSORS(present) if present else None), None
+
+
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int, looping: bool) -> tuple[list[int], list[int]]:
     """Virtual layer order as (encoder, decoder) block indices. With looping, blocks loop_start..loop_end
     run 1+num_loops times: 11 blocks, loops 3-5 twice more -> [0,1,2,3,4,5,3,4] + [5,3,4,5,6,7,8,9,10]."""
@@ -878,8 +901,9 @@ class GPT(nn.Module):
         # twice to the first block would compile a graph just for it.
         x0, x, skips = x, x.clone(), []
         enc, dec = self.layer_order()
-        for i in enc:
-            x = self.block_fn(self.blocks[i], x, x0, cos, sin)
+        uses = FanOut.apply(x0, len(enc) + len(dec)) if x0.requires_grad else [x0] * len(enc + dec)
+        for k, i in enumerate(enc):
+            x = self.block_fn(self.blocks[i], x, uses[k], cos, sin)
             skips.append(x)
         if skips:  # the first decoder merge would get x twice (x is skip): keep graphs free of aliasing
             skips[-1] = skips[-1].clone()
@@ -888,7 +912,7 @@ class GPT(nn.Module):
                 # clone(): a row view has a storage offset, which a compiled graph would specialize on
                 gate = self.skip_gates[j].clone() if self.skip_gates is not None else None
                 x = MERGE_SKIP(x, skips.pop(), self.skip_weights[j].clone(), gate)
-            x = self.block_fn(self.blocks[i], x, x0, cos, sin)
+            x = self.block_fn(self.blocks[i], x, uses[len(enc) + j], cos, sin)
         x = self.final_norm(x)
         if self.head_proj is not None:
             x = self.head_proj(x)
@@ -1027,11 +1051,12 @@ def fused_ce_self_check(device: torch.device, vocab_size: int, cap: float) -> st
 HEAD_LOSS = head_loss
 HEAD_NLL = head_nll
 MERGE_SKIP = merge_skip
+SUM_TENSORS = sum_tensors
 
 
 def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
     """Pick the attention backend and, on GPU, compile the block and the head. Returns a description."""
-    global ATTENTION_BACKEND, SDPA_NATIVE_GQA, HEAD_LOSS, HEAD_NLL, MERGE_SKIP
+    global ATTENTION_BACKEND, SDPA_NATIVE_GQA, HEAD_LOSS, HEAD_NLL, MERGE_SKIP, SUM_TENSORS
     SDPA_NATIVE_GQA = h.sdpa_gqa == "native"
     want = h.attention_backend
     if want == "fa3" and _flash_attn_3 is None:
@@ -1050,9 +1075,10 @@ def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
         HEAD_LOSS = torch.compile(head_loss, dynamic=False, fullgraph=True)
         HEAD_NLL = torch.compile(head_nll, dynamic=False, fullgraph=True)
         MERGE_SKIP = torch.compile(merge_skip, dynamic=False, fullgraph=True)
+        SUM_TENSORS = torch.compile(sum_tensors, dynamic=False, fullgraph=True)
     else:
         compiled_block = run_block
-        HEAD_LOSS, HEAD_NLL, MERGE_SKIP = head_loss, head_nll, merge_skip
+        HEAD_LOSS, HEAD_NLL, MERGE_SKIP, SUM_TENSORS = head_loss, head_nll, merge_skip, sum_tensors
     fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
     if fused_ce:
         problem = fused_ce_self_check(device, h.vocab_size, h.logit_softcap)

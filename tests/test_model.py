@@ -346,8 +346,8 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
     """COMPILE=1 on CPU (inductor): one graph per block kind (sequential, parallel), reused by every block of
     that kind and by the looped order; results equal eager."""
     from torch._dynamo.utils import counters
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))
+    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP", "SUM_TENSORS"):
+        monkeypatch.setattr(tg, name, getattr(tg, name))  # configure_runtime replaces them: put them back after
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     h = tiny_h(NUM_LAYERS=2, MODEL_DIM=32, EMBEDDING_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=2,
                LOOP_START=0, LOOP_END=1, NUM_LOOPS=1, PARALLEL_RESIDUAL_START=1, ROPE_DIMS=8, COMPILE=1)
@@ -377,3 +377,26 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
         assert graphs_loop == graphs_plain, f"looping added {graphs_loop - graphs_plain} graph(s)"
     finally:
         torch._dynamo.reset()
+
+
+def test_fan_out_of_x0_gives_the_gradients_of_plain_reuse(monkeypatch):
+    """x0 feeds every block through FanOut, whose backward sums the blocks' gradients in one pass; the
+    loss and every gradient must equal those of handing x0 itself to each block (autograd's own sums)."""
+    model = tiny_model(seed=5)
+    model.looping = True
+    ids = torch.randint(0, model.h.vocab_size, (2, model.h.train_seq_len + 1), generator=torch.Generator().manual_seed(5))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fanned = loss_and_grads()
+    calls = []
+    monkeypatch.setattr(tg.FanOut, "apply", lambda x, n: calls.append(n) or [x] * n)
+    plain = loss_and_grads()
+    assert calls == [len(sum(model.layer_order(), []))]  # one fan-out per forward, one use per virtual layer
+    assert fanned[0] == plain[0]
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(fanned[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
