@@ -741,10 +741,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_partial_rope(rms_norm(q), cos, sin), apply_partial_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v)
@@ -901,7 +900,8 @@ class GPT(nn.Module):
         # twice to the first block would compile a graph just for it.
         x0, x, skips = x, x.clone(), []
         enc, dec = self.layer_order()
-        uses = FanOut.apply(x0, len(enc) + len(dec)) if x0.requires_grad else [x0] * len(enc + dec)
+        n_uses = len(enc) + len(dec)
+        uses = FanOut.apply(x0, n_uses) if x0.requires_grad else [x0] * n_uses
         for k, i in enumerate(enc):
             x = self.block_fn(self.blocks[i], x, uses[k], cos, sin)
             skips.append(x)
@@ -1441,6 +1441,10 @@ class Trainer:
         step, train_ms, stopped_by_cap = 0, 0.0, False
         checked_ms, last_step_ms = 0.0, 0.0  # when the last checked step ended (train time), and its length
 
+        def in_flight_end_ms() -> float:
+            """When the step in flight will end (the last checked one's end if none is in flight)."""
+            return checked_ms + (last_step_ms if in_flight else 0.0)
+
         def check_oldest():
             nonlocal checked_ms, last_step_ms, stopped_by_cap
             done = in_flight.popleft()
@@ -1452,7 +1456,7 @@ class Trainer:
                     f"the training loss became {loss_value} at step {done.number}: training diverged. Lower MATRIX_LR / "
                     f"TIED_EMBED_LR / SCALAR_LR, or check GRAD_CLIP_NORM; the run stops here and writes no artifact.")
             last_step_ms, checked_ms = ended_ms - checked_ms, ended_ms
-            if cap_ms is not None and checked_ms + (last_step_ms if in_flight else 0.0) >= cap_ms:
+            if cap_ms is not None and in_flight_end_ms() >= cap_ms:
                 stopped_by_cap = True  # the step in flight (if any) ends past the cap: it is the last one
             last = not in_flight and (stopped_by_cap or done.number == h.iterations)
             n = done.number
@@ -1475,8 +1479,7 @@ class Trainer:
                 log(f"{step}/{h.iterations} val_loss: {loss:.4f} val_bpb: {bpb:.4f}")
                 t0 = time.perf_counter()
             # the step about to be queued starts on the GPU when the one in flight ends
-            start_ms = checked_ms + (last_step_ms if in_flight else 0.0)
-            frac = start_ms / cap_ms if cap_ms is not None else step / max(h.iterations, 1)
+            frac = in_flight_end_ms() / cap_ms if cap_ms is not None else step / max(h.iterations, 1)
             if h.num_loops > 0 and not model.looping and frac >= h.enable_looping_at:
                 model.looping = True
                 enc, dec = model.layer_order()
