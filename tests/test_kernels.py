@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 pytest.importorskip("triton")
 
 import train_gpt as tg  # noqa: E402
-from conftest import tiny_h  # noqa: E402
+from conftest import keep_runtime_globals, tiny_h  # noqa: E402
 
 # Runs in the child: fused soft-capped cross entropy vs head_loss, loss and both gradients, for a vocabulary
 # that fills the kernel's chunks exactly and one that leaves masked columns, several chunks per row and one,
@@ -55,11 +55,16 @@ print(json.dumps(out))
 """
 
 
-def test_fused_softcapped_cross_entropy_matches_plain_head_loss():
+def run_interpreted(child: str):
+    """Run a child script under Triton's CPU interpreter; returns the JSON of its last output line."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", child, str(REPO)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fused_softcapped_cross_entropy_matches_plain_head_loss():
+    cases = run_interpreted(CHILD)
     assert len(cases) == 8
     for case in cases:
         fused, plain = case["loss"]
@@ -90,11 +95,7 @@ print(json.dumps(out))
 def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
     """On GPU, configure_runtime only uses the fused loss after this check; a failure falls back to the
     plain path with a warning instead of stopping the run."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SELF_CHECK_CHILD, str(REPO)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_interpreted(SELF_CHECK_CHILD)
     assert out["good"] is None
     assert out["broken_kernel"] and "Error" in out["broken_kernel"]
     assert out["wrong_numbers"] == "its loss differs from the plain path's"
@@ -103,8 +104,7 @@ def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
 def test_configure_runtime_falls_back_when_the_self_check_fails(monkeypatch, capsys):
     """A 'cuda' device on this CPU machine: the self-check cannot even allocate, so the run must go on with
     the plain loss and one warning line, not stop."""
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))  # restored after the test
+    keep_runtime_globals(monkeypatch)
     monkeypatch.setattr(tg, "log", tg.Logger(None, enabled=True))
     desc = tg.configure_runtime(tiny_h(COMPILE="0"), torch.device("cuda"), [])
     assert "fused_ce:0" in desc and tg.HEAD_LOSS is tg.head_loss

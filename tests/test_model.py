@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
-from conftest import tiny_h  # noqa: E402
+from conftest import keep_runtime_globals, tiny_h  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -346,8 +346,7 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
     """COMPILE=1 on CPU (inductor): one graph per block kind (sequential, parallel), reused by every block of
     that kind and by the looped order; results equal eager."""
     from torch._dynamo.utils import counters
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP", "SUM_TENSORS"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))  # configure_runtime replaces them: put them back after
+    keep_runtime_globals(monkeypatch)
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     h = tiny_h(NUM_LAYERS=2, MODEL_DIM=32, EMBEDDING_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=2,
                LOOP_START=0, LOOP_END=1, NUM_LOOPS=1, PARALLEL_RESIDUAL_START=1, ROPE_DIMS=8, COMPILE=1)
