@@ -1,0 +1,96 @@
+"""Causal GQA attention of one micro-batch (48 x 2048 tokens, 8 query heads, 4 KV heads, head dim 64, bf16),
+forward + backward, through each backend that imports here: PyTorch SDPA (cuDNN on an H100), FlashAttention 3
+(`flash_attn_interface`) and FlashAttention 4 (`flash_attn.cute`). Prints one JSON line: milliseconds (median
+of --reps), TFLOP/s, the first call's time (FA4 compiles its kernels then), and the largest difference of the
+output and the gradients from SDPA's.
+
+  python bench/bench_attention.py --reps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def backends() -> dict:
+    found = {"sdpa": None}
+    try:
+        from flash_attn_interface import flash_attn_func
+        found["fa3"] = flash_attn_func
+    except Exception:  # noqa: BLE001 - not installed
+        pass
+    try:
+        from flash_attn.cute import flash_attn_func
+        found["fa4"] = flash_attn_func
+    except Exception as e:  # noqa: BLE001 - not installed
+        found["fa4_import_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return found
+
+
+def attention(name, fn, q, k, v):
+    if name == "sdpa":
+        tg.ATTENTION_BACKEND = "sdpa"
+        return tg.causal_attention(q, k, v)
+    out = fn(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T, H, Hkv, D = args.batch, args.seq, 8, 4, 64
+    q = torch.randn(B, T, H, D, device=device, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(B, T, Hkv, D, device=device, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(B, T, Hkv, D, device=device, generator=g).bfloat16().requires_grad_()
+    dout = torch.randn(B, T, H, D, device=device, generator=g).bfloat16()
+    flops = 3.5 * 4 * B * H * T * T * D / 2  # causal: half the score matrix; backward = 2.5 x forward
+    out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "shape": [B, T, H, Hkv, D]}
+    reference = None
+    for name, fn in backends().items():
+        if name.endswith("error"):
+            out[name] = fn
+            continue
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            y = attention(name, fn, q, k, v)
+            y.backward(dout)
+            return y
+
+        try:
+            t0 = time.perf_counter()
+            y = step()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            result = [y.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+            times = [tg.timed(device, step)[1] for _ in range(args.reps + 2)][2:]
+            ms = statistics.median(times)
+            entry = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "first_call_s": round(first_s, 1)}
+            if reference is None:
+                reference = result
+            else:
+                for label, a, b in zip(("out", "dq", "dk", "dv"), result, reference):
+                    entry[f"max_diff_{label}"] = round((a - b).abs().max().item() / b.abs().max().item(), 5)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next backend
+            entry = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out[name] = entry
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
