@@ -9,6 +9,7 @@ output and the gradients from SDPA's.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -21,19 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def backends() -> dict:
-    found = {"sdpa": None}
-    try:
-        from flash_attn_interface import flash_attn_func
-        found["fa3"] = flash_attn_func
-    except Exception:  # noqa: BLE001 - not installed
-        pass
-    try:
-        from flash_attn.cute import flash_attn_func
-        found["fa4"] = flash_attn_func
-    except Exception as e:  # noqa: BLE001 - not installed
-        found["fa4_import_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return found
+def backends() -> tuple[dict, dict]:
+    """({name: attention function (None for SDPA)}, {name: why it did not import})."""
+    found, missing = {"sdpa": None}, {}
+    for name, module in (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute")):
+        try:
+            found[name] = importlib.import_module(module).flash_attn_func
+        except Exception as e:  # noqa: BLE001 - not installed, or installed without what it needs
+            missing[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return found, missing
 
 
 def attention(name, fn, q, k, v):
@@ -60,10 +57,9 @@ def main() -> int:
     flops = 3.5 * 4 * B * H * T * T * D / 2  # causal: half the score matrix; backward = 2.5 x forward
     out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "shape": [B, T, H, Hkv, D]}
     reference = None
-    for name, fn in backends().items():
-        if name.endswith("error"):
-            out[name] = fn
-            continue
+    found, missing = backends()
+    out["not_imported"] = missing
+    for name, fn in found.items():
 
         def step():
             q.grad = k.grad = v.grad = None
