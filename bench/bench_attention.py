@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from bench_ce import median_ms  # noqa: E402 - same folder (the script's own, first on sys.path)
 
 
 def backends() -> tuple[dict, dict]:
@@ -35,7 +34,6 @@ def backends() -> tuple[dict, dict]:
 
 def attention(name, fn, q, k, v):
     if name == "sdpa":
-        tg.ATTENTION_BACKEND = "sdpa"
         return tg.causal_attention(q, k, v)
     out = fn(q, k, v, causal=True)
     return out[0] if isinstance(out, tuple) else out
@@ -57,6 +55,7 @@ def main() -> int:
     flops = 3.5 * 4 * B * H * T * T * D / 2  # causal: half the score matrix; backward = 2.5 x forward
     out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "shape": [B, T, H, Hkv, D]}
     reference = None
+    tg.ATTENTION_BACKEND = "sdpa"  # what tg.causal_attention dispatches to
     found, missing = backends()
     out["not_imported"] = missing
     for name, fn in found.items():
@@ -68,14 +67,10 @@ def main() -> int:
             return y
 
         try:
-            t0 = time.perf_counter()
-            y = step()
-            torch.cuda.synchronize()
-            first_s = time.perf_counter() - t0
+            y, first_ms = tg.timed(device, step)
             result = [y.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
-            times = [tg.timed(device, step)[1] for _ in range(args.reps + 2)][2:]
-            ms = statistics.median(times)
-            entry = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "first_call_s": round(first_s, 1)}
+            ms = median_ms(device, step, args.reps)
+            entry = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "first_call_s": round(first_ms / 1000, 1)}
             if reference is None:
                 reference = result
             else:
