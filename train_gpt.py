@@ -717,14 +717,20 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Float32 master weight, matmul in the input's dtype (bf16 on GPU)."""
+    """Float32 master weight, matmul in the input's dtype (bf16 on GPU).
+
+    out_scale (one value per output channel) multiplies the weight's rows before the cast, which equals
+    scaling the output. It is there for the blocks' attn_scale and mlp_scale: folded into the weight, the
+    backward needs neither the scaled output gradient as a tensor of activations' size nor the output
+    itself for the scale's gradient (that becomes a sum over the weight's rows)."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        weight = self.weight if out_scale is None else self.weight * out_scale[:, None]
+        return F.linear(x, weight.to(x.dtype))
 
 
 class Attention(nn.Module):
@@ -739,7 +745,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.use_xsa = use_xsa
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -749,7 +755,7 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v)
         if self.use_xsa:
             y = remove_self_value(y, v)
-        return self.proj(y.reshape(B, T, -1))
+        return self.proj(y.reshape(B, T, -1), out_scale)
 
 
 class MLP(nn.Module):
@@ -758,8 +764,8 @@ class MLP(nn.Module):
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square(), out_scale)
 
 
 class Block(nn.Module):
@@ -784,12 +790,12 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scale.to(x.dtype)
-        attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
+        # x + attn_scale * attn(.) with the scale folded into attn's output projection (see CastedLinear)
         if self.parallel:
             n = rms_norm(x) * s
-            return x + attn_scale * self.attn(n, cos, sin) + mlp_scale * self.mlp(n)
-        x = x + attn_scale * self.attn(rms_norm(x) * s, cos, sin)
-        return x + mlp_scale * self.mlp(rms_norm(x) * s)
+            return x + self.attn(n, cos, sin, self.attn_scale) + self.mlp(n, self.mlp_scale)
+        x = x + self.attn(rms_norm(x) * s, cos, sin, self.attn_scale)
+        return x + self.mlp(rms_norm(x) * s, self.mlp_scale)
 
 
 def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
