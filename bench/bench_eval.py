@@ -74,21 +74,6 @@ def seconds(device, fn):
     return out, ms / 1000
 
 
-def passes(device, fn, reps: int, reset, loss_of, spreads: list):
-    """reps timed passes of fn, each from the same weights (reset() first: TTT trains the model). Returns
-    the first pass's result, the median seconds and every pass's seconds. The passes' losses go into
-    spreads as a relative range (0 on CPU; GPU backward kernels with atomics may differ in the last bits)."""
-    results, times = [], []
-    for _ in range(reps):
-        reset()
-        out, t = seconds(device, fn)
-        results.append(out)
-        times.append(t)
-    losses = [loss_of(r) for r in results]
-    spreads.append((max(losses) - min(losses)) / abs(losses[0]))
-    return results[0], statistics.median(times), [round(t, 3) for t in times]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=262144)
@@ -104,25 +89,39 @@ def main() -> int:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = tg.TTTConfig(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_grad_clip, h.ttt_batch_seqs)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tokens": val.n - 1}
-    reset = lambda: model.load_state_dict(state)  # noqa: E731
     spreads: list[float] = []
-    plain_args, ours_args = (args.reps, reset, float, spreads), (args.reps, reset, lambda r: r[0].loss, spreads)
+
+    def passes(fn, loss_of=float):
+        """args.reps timed passes of fn, each from the same weights (TTT trains the model). Returns the first
+        pass's result, the median seconds and every pass's seconds. The passes' losses go into spreads as a
+        relative range (0 on CPU; GPU backward kernels with atomics may differ in the last bits)."""
+        results, times = [], []
+        for _ in range(args.reps):
+            model.load_state_dict(state)
+            result, t = seconds(device, fn)
+            results.append(result)
+            times.append(t)
+        losses = [loss_of(r) for r in results]
+        spreads.append((max(losses) - min(losses)) / abs(losses[0]))
+        return results[0], statistics.median(times), [round(t, 3) for t in times]
+
+    eval_loss = lambda r: r[0].loss  # noqa: E731 - evaluate_sliding returns (EvalResult, legality)
     # plain (eager) paths
     tg.configure_runtime(h.replace(compile="0"), device, [model])
-    plain_loss, t, out["plain_sliding_s"] = passes(device, lambda: plain_sliding(model, val, h, device), *plain_args)
+    plain_loss, t, out["plain_sliding_s"] = passes(lambda: plain_sliding(model, val, h, device))
     out["plain_sliding_tok_s"] = round((val.n - 1) / t)
-    plain_ttt_loss, t, out["plain_ttt_s"] = passes(device, lambda: plain_ttt(model, val, h, device, cfg), *plain_args)
+    plain_ttt_loss, t, out["plain_ttt_s"] = passes(lambda: plain_ttt(model, val, h, device, cfg))
     out["plain_ttt_tok_s"] = round((val.n - 1) / t)
     # ours (compiled, head on scored positions only); a short first pass compiles, then the timed passes
-    reset()
+    model.load_state_dict(state)
     tg.configure_runtime(h, device, [model])
     t_compile = time.perf_counter()
     tg.evaluate_sliding(model, truncate(tg.ValidationData(h, device), 8 * h.eval_seq_len), h, device)
     tg.ttt_compile_warmup(model, h, device)
     out["compile_s"] = round(time.perf_counter() - t_compile, 1)
-    (r, _), t, out["sliding_s"] = passes(device, lambda: tg.evaluate_sliding(model, val, h, device), *ours_args)
+    (r, _), t, out["sliding_s"] = passes(lambda: tg.evaluate_sliding(model, val, h, device), eval_loss)
     out["sliding_tok_s"] = round((val.n - 1) / t)
-    (r2, _), t, out["ttt_s"] = passes(device, lambda: tg.evaluate_sliding(model, val, h, device, ttt=cfg), *ours_args)
+    (r2, _), t, out["ttt_s"] = passes(lambda: tg.evaluate_sliding(model, val, h, device, ttt=cfg), eval_loss)
     out["ttt_tok_s"] = round((val.n - 1) / t)
     out["pass_loss_spread"] = float(f"{max(spreads):.2e}")
     out["sliding_speedup"] = round(out["sliding_tok_s"] / out["plain_sliding_tok_s"], 2)
