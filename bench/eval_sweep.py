@@ -1,0 +1,67 @@
+"""Evaluation settings screened on one artifact: each variant reloads the artifact's weights, then runs
+the sliding-window pass, with or without score-first TTT, under the variant's settings.
+
+  DATA_DIR=./data_corpus python bench/eval_sweep.py ARTIFACT "EVAL_SEQ_LEN=3072" "TTT_LR=0.02 TTT_CHUNK_TOKENS=8192" ...
+
+A variant is a space-separated list of NAME=value settings over the artifact's own; it runs TTT when its
+settings say TTT_ENABLED=1 or name any TTT_* setting. Prints one JSON line per variant (val_bpb, seconds,
+tokens/s) and stops starting new variants once --budget seconds have passed, so a device call ends in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def parse_variant(text: str) -> dict[str, object]:
+    out = {}
+    for item in text.split():
+        name, _, raw = item.partition("=")
+        setting = tg.SETTINGS_BY_NAME[name]
+        out[name] = tg._parse_value(setting, raw)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new variant starts")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    h = tg.Hyperparameters()
+    device = tg.setup_device(h)
+    tg.log = tg.Logger(None, enabled=h.is_main)
+    val = tg.ValidationData(h, device)
+    model, base = tg.load_eval_model(Path(args.artifact), h, device)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tg.configure_runtime(base, device, [model])
+    for text in args.variants:
+        if time.perf_counter() - t_start > args.budget:
+            print(json.dumps({"variant": text, "skipped": "budget"}), flush=True)
+            continue
+        overrides = parse_variant(text)
+        hv = base.replace(**overrides)
+        use_ttt = bool(overrides.get("TTT_ENABLED", any(k.startswith("TTT_") for k in overrides)))
+        model.load_state_dict(state)
+        cfg = tg.TTTConfig(hv.ttt_lr, hv.ttt_epochs, hv.ttt_momentum, hv.ttt_grad_clip, hv.ttt_batch_seqs) if use_ttt else None
+        t0 = time.perf_counter()
+        if use_ttt and device.type == "cuda":
+            tg.ttt_compile_warmup(model, hv, device)
+        (r, legal), ms = tg.timed(device, lambda: tg.evaluate_sliding(model, val, hv, device, ttt=cfg))
+        total_s = time.perf_counter() - t0
+        if h.is_main:
+            print(json.dumps({"variant": text, "ttt": use_ttt, "val_bpb": round(r.bpb, 6), "val_loss": round(r.loss, 6),
+                              "tokens": r.tokens, "eval_s": round(ms / 1000, 1), "with_warmup_s": round(total_s, 1),
+                              "tok_s": round(r.tokens / (ms / 1000)), "legality": legal}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
