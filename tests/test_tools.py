@@ -15,11 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools import compare_curves, logparse, pack_record, plot_loss, run_seeds, significance, summarize, trace_gaps  # noqa: E402
+from tools import compare_curves, logparse, pack_record, plot_loss, provenance, run_seeds, significance, summarize, trace_gaps  # noqa: E402
 
 SOURCE = "print('readable training script')\n" * 50
 PACKED = "#packed\n" + "x" * 123 + "\n"
 SOURCE_SHA = hashlib.sha256(SOURCE.encode()).hexdigest()
+COMMIT = "c0ffee" * 6 + "c0ff"  # a commit named by the synthetic logs' code: line (not in any history)
 PACKED_SHA = hashlib.sha256(PACKED.encode()).hexdigest()
 CODE = len(PACKED.encode())
 VAL_TOKENS, VAL_BYTES = 62021845, 231136500  # ~3.727 bytes per token, like FineWeb SP8192
@@ -44,7 +45,10 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
     total = model_bytes + code
     lines = [
         f"script: train_gpt.py sha256:{source_sha} bytes:{len(source.encode())} packed_sha256:{packed_sha} packed_bytes:{code}",
-        "env: python:3.12.3 torch:2.11.0+cu130 cuda:13.0 device:NVIDIA H100 80GB HBM3 gpus:8 world_size:8 host:abc",
+        f"code: commit:{COMMIT} dirty:0 git_blob:{provenance.git_blob_id(source.encode())}",
+        "env: python:3.12.3 torch:2.11.0+cu130 cuda:13.0 device:NVIDIA H100 80GB HBM3 gpus:8 world_size:8 host:abc "
+        "launcher:torchrun backend:nccl",
+        f"run: id:train_seed{seed} log:logs/train_seed{seed}.txt artifact:final_model.int6.ptz model:final_model.pt",
         "preset: record (CUDA and challenge shards found)",
         "settings:",
         "  PRESET='record'",
@@ -54,6 +58,7 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
         f"  MATRIX_LR={matrix_lr}",
         "  SLIDING_WINDOW_ENABLED=True",
         f"  TTT_ENABLED={ttt}",
+        f"env_set: MATRIX_LR={matrix_lr} RUN_ID=train_seed{seed} SEED={seed} TTT_ENABLED={int(ttt)}",
         f"data: train_shards:80 train_tokens:8000000000 val_tokens:{VAL_TOKENS + 1} tokenizer_sha256:ab12",
         "model_params:35944536",
         "warmup_step: 20/20",
@@ -94,6 +99,13 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
     else:
         lines.append("error: CUDA out of memory in sliding-window eval")
     return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def no_git_history(monkeypatch):
+    """The synthetic logs name a commit that no history holds: take it as logged, unchecked (as on a
+    machine without git). tests/test_provenance.py covers the history search."""
+    monkeypatch.setattr(provenance, "history_problem", lambda repo=None: "synthetic test logs")
 
 
 def write_logs(tmp_path, per_seed=None, **common) -> list[str]:
