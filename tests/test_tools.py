@@ -185,6 +185,38 @@ def test_summarize_mean_std_compliance(tmp_path, capsys):
     assert "| 42 | 4550 | 1.08730 | 1.09936 | 1.08261 | 1.08078 |" in table
 
 
+def test_summarize_computes_track_data_and_commands_from_the_logs(tmp_path):
+    sub = summarize.build_submission(summarize.load_runs(write_logs(tmp_path)), "n", "a", "g", "t", "2026-05-01")
+    assert sub["track"] == "10min_16mb" and sub["non_record_reasons"] == []
+    assert sub["world_size"] == 8 and sub["launcher"] == "torchrun" and sub["data"]["fineweb"] is True
+    assert sub["train_seconds"] == 596.135 and sub["eval_seconds"] == 434.253
+    assert sub["source_commit"] == COMMIT and sub["source_commit_checked"] is False
+    assert sub["reproduce"]["314"] == ("MATRIX_LR=0.022 RUN_ID=train_seed314 SEED=314 TTT_ENABLED=1 "
+                                       "torchrun --standalone --nproc_per_node=8 train_gpt.py")
+    assert sub["compliance_logged"]["42"]["ttt_legality"]["each_token_once"] == "1"
+    proxy = [Path(p) for p in write_logs(tmp_path, eval_ms=612000)]
+    for path in proxy:
+        path.write_text(path.read_text().replace("world_size:8", "world_size:1").replace(f"val_tokens:{VAL_TOKENS + 1}", "val_tokens:49229"))
+    sub = summarize.build_submission(summarize.load_runs([str(p) for p in proxy]), "n", "a", "g", "t", "2026-05-01")
+    assert sub["track"] == "non_record_16mb" and sub["hardware"] == "1xNVIDIA H100 80GB HBM3"
+    reasons = " | ".join(sub["non_record_reasons"])
+    assert "world size 1, not 8" in reasons and "val_tokens 49,229" in reasons and "evaluation took 612.0 s" in reasons
+    assert "torchrun --standalone --nproc_per_node=1" in sub["reproduce"]["42"]  # the logged launcher
+
+
+def test_summarize_prints_json_or_writes_only_with_force(tmp_path, capsys):
+    logs = write_logs(tmp_path)
+    assert summarize.main(logs + ["--date", "2026-05-01"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seeds"] == [42, 314, 999] and "| seed |" in captured.err
+    out = tmp_path / "submission.json"
+    out.write_text("{}\n")
+    assert summarize.main(logs + ["--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == "{}\n"
+    assert summarize.main(logs + ["--out", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["track"] == "10min_16mb"
+
+
 def test_summarize_compliance_failures_and_no_ttt(tmp_path):
     logs = write_logs(tmp_path, {999: {"calib_ms": 20000, "model_bytes": 16_000_000}}, ttt=False)
     runs = summarize.load_runs(logs)
@@ -296,6 +328,8 @@ def test_pack_record_builds_complete_folder(tmp_path, packable):
     assert (out / "train_gpt.py").read_text() == PACKED
     readme = (out / "README.md").read_text()
     assert "tricks" in readme and "| 999 | 4550 |" in readme
+    assert f"Produced by commit `{COMMIT}`" in readme and "Track 10min_16mb." in readme
+    assert "MATRIX_LR=0.022 RUN_ID=train_seed999 SEED=999 TTT_ENABLED=1 torchrun" in readme
     assert json.loads((out / "submission.json").read_text())["name"] == "My run"
     assert not list(out.parent.glob(".*partial"))
 
@@ -334,6 +368,7 @@ def test_pack_record_with_the_real_pack_source(tmp_path):
     req.write_text("brotli\n")
     out = pack_record.build(logs, "real", out=tmp_path / "r", script=script, requirements=req)
     assert (out / "train_gpt.py").read_text(encoding="utf-8") == train_gpt.pack_source(source)
+    assert "it compiles on Python" in (out / "README.md").read_text()
 
 
 def test_pack_record_default_folder_name():

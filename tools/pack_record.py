@@ -138,14 +138,17 @@ script every log names; commit found by: {sub['source_commit_found_by']}).
 ## Reproduce
 
 `train_gpt.py` here is the packed copy of that commit's script; it {python_support(packed, sub['python_version'])}.
-One command per seed, with the settings its log records (run in this folder; DATA_DIR must hold the data):
+One command per seed, run in this folder (DATA_DIR must hold the data); the settings in it are
+{sub['reproduce_settings_from']}:
 
 ```
 pip install -r requirements.txt
 {commands}
 ```
 
-Every setting of each run is listed in the `settings:` block of its log.
+Every setting of each run is listed in the `settings:` block of its log. In the repository,
+`python tools/provenance.py --check-packed <this folder>` checks that this `train_gpt.py` unpacks to
+that commit's program.
 """
 
 

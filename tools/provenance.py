@@ -174,7 +174,7 @@ def explicit_settings(run, repo: Path = REPO_DIR, prov: Provenance | None = None
     the commit that ran are taken instead (an equivalent command: values the script derived, such as
     TRAIN_FILES from DATA_DIR, appear set by hand)."""
     if run.env_set is not None:
-        return dict(run.env_set), "env_set"
+        return dict(run.env_set), "those the log's env_set: line records"
     prov = prov or resolve_commit(run, repo)
     if not prov.checked:
         raise ProvenanceError(f"{run.path}: no `env_set:` line, and the defaults of commit {prov.commit} can't be read ({prov.how})")
@@ -188,7 +188,7 @@ def explicit_settings(run, repo: Path = REPO_DIR, prov: Provenance | None = None
             raise ProvenanceError(f"{run.path}: setting {name} is not in the SETTINGS table of commit {prov.commit}")
         if repr(value) != repr(defaults[name]):
             out[name] = _env_text(value)
-    return out, f"settings that differ from the defaults of {prov.commit[:12]}"
+    return out, f"those whose logged value differs from the default of commit {prov.commit[:12]} (the log predates env_set:)"
 
 
 def launcher(run) -> tuple[str, int]:

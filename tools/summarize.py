@@ -30,7 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.logparse import ARTIFACT_LIMIT_BYTES, CHALLENGE_TIME_LIMIT_MS, RunLog, parse_log
-from tools.provenance import REPO_DIR, ProvenanceError, data_facts, launcher, reproduce_command, resolve_commit
+from tools.provenance import (REPO_DIR, ProvenanceError, data_facts, explicit_settings, launcher, reproduce_command,
+                              resolve_commit)
 
 # Track names as the challenge's records use them (records/track_10min_16mb, records/track_non_record_16mb).
 RECORD_TRACK = "10min_16mb"
@@ -192,9 +193,10 @@ def provenance(runs: list[RunLog], repo: Path = REPO_DIR) -> dict:
     return {"sha256": prov.sha256, "commit": prov.commit, "commit_found_by": prov.how, "commit_checked": prov.checked}
 
 
-def reproduce(runs: list[RunLog], repo: Path = REPO_DIR) -> dict:
+def reproduce(runs: list[RunLog], repo: Path = REPO_DIR) -> tuple[dict, str]:
+    """(seed -> command, where its settings were read from)."""
     try:
-        return {str(r.seed): reproduce_command(r, repo) for r in runs}
+        return {str(r.seed): reproduce_command(r, repo) for r in runs}, explicit_settings(runs[0], repo)[1]
     except ProvenanceError as e:
         raise Refused(str(e)) from None
 
@@ -205,6 +207,7 @@ def build_submission(runs, name, author, github_id, technique, date=None, repo: 
     data = data_facts(runs[0])
     track_name, not_record = track(runs, data)
     code = provenance(runs, repo)
+    commands, settings_from = reproduce(runs, repo)
     return {
         "name": name,
         "author": author,
@@ -232,7 +235,8 @@ def build_submission(runs, name, author, github_id, technique, date=None, repo: 
         "source_commit": code["commit"],  # a commit whose train_gpt.py has that sha256
         "source_commit_found_by": code["commit_found_by"],
         "source_commit_checked": code["commit_checked"],
-        "reproduce": reproduce(runs, repo),  # seed -> command, run where train_gpt.py is
+        "reproduce": commands,  # seed -> command, run where train_gpt.py is
+        "reproduce_settings_from": settings_from,
         "compliance": compliance(runs),
         "compliance_logged": measured_compliance(runs),
     }
