@@ -464,7 +464,7 @@ def test_plot_loss_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ all tools
 
-@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves"])
+@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves", "provenance"])
 def test_help(tool):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
