@@ -210,6 +210,8 @@ def test_new_contract_lines_are_parsed():
                                  "EVAL_STRIDE": ("64", "default")}
     assert run.compliance["val_training_before_quant"] == "0" and run.compliance["calibration_data"] == "train"
     assert provenance.data_facts(run)["fineweb"] is True
+    eval_only = logparse.parse_text("data: val_tokens:5 tokenizer_sha256:ab12 (EVAL_ONLY: training data not read)\n")
+    assert eval_only.data == {"val_tokens": "5", "tokenizer_sha256": "ab12"}
 
 
 def test_data_is_fineweb_only_with_the_full_validation_split():
