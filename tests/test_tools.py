@@ -15,11 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools import compare_curves, logparse, pack_record, plot_loss, run_seeds, significance, summarize, trace_gaps  # noqa: E402
+from tools import compare_curves, logparse, pack_record, plot_loss, provenance, run_seeds, significance, summarize, trace_gaps  # noqa: E402
 
 SOURCE = "print('readable training script')\n" * 50
 PACKED = "#packed\n" + "x" * 123 + "\n"
 SOURCE_SHA = hashlib.sha256(SOURCE.encode()).hexdigest()
+COMMIT = "c0ffee" * 6 + "c0ff"  # a commit named by the synthetic logs' code: line (not in any history)
 PACKED_SHA = hashlib.sha256(PACKED.encode()).hexdigest()
 CODE = len(PACKED.encode())
 VAL_TOKENS, VAL_BYTES = 62021845, 231136500  # ~3.727 bytes per token, like FineWeb SP8192
@@ -44,7 +45,10 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
     total = model_bytes + code
     lines = [
         f"script: train_gpt.py sha256:{source_sha} bytes:{len(source.encode())} packed_sha256:{packed_sha} packed_bytes:{code}",
-        "env: python:3.12.3 torch:2.11.0+cu130 cuda:13.0 device:NVIDIA H100 80GB HBM3 gpus:8 world_size:8 host:abc",
+        f"code: commit:{COMMIT} dirty:0 git_blob:{provenance.git_blob_id(source.encode())}",
+        "env: python:3.12.3 torch:2.11.0+cu130 cuda:13.0 device:NVIDIA H100 80GB HBM3 gpus:8 world_size:8 host:abc "
+        "launcher:torchrun backend:nccl",
+        f"run: id:train_seed{seed} log:logs/train_seed{seed}.txt artifact:final_model.int6.ptz model:final_model.pt",
         "preset: record (CUDA and challenge shards found)",
         "settings:",
         "  PRESET='record'",
@@ -54,6 +58,7 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
         f"  MATRIX_LR={matrix_lr}",
         "  SLIDING_WINDOW_ENABLED=True",
         f"  TTT_ENABLED={ttt}",
+        f"env_set: MATRIX_LR={matrix_lr} RUN_ID=train_seed{seed} SEED={seed} TTT_ENABLED={int(ttt)}",
         f"data: train_shards:80 train_tokens:8000000000 val_tokens:{VAL_TOKENS + 1} tokenizer_sha256:ab12",
         "model_params:35944536",
         "warmup_step: 20/20",
@@ -94,6 +99,13 @@ def make_log(seed=42, ttt=True, complete=True, matrix_lr="0.022", model_bytes=15
     else:
         lines.append("error: CUDA out of memory in sliding-window eval")
     return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def no_git_history(monkeypatch):
+    """The synthetic logs name a commit that no history holds: take it as logged, unchecked (as on a
+    machine without git). tests/test_provenance.py covers the history search."""
+    monkeypatch.setattr(provenance, "history_problem", lambda repo=None: "synthetic test logs")
 
 
 def write_logs(tmp_path, per_seed=None, **common) -> list[str]:
@@ -171,6 +183,38 @@ def test_summarize_mean_std_compliance(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| seed | steps | pre-quant | quantized | sliding | TTT | artifact bytes |" in table
     assert "| 42 | 4550 | 1.08730 | 1.09936 | 1.08261 | 1.08078 |" in table
+
+
+def test_summarize_computes_track_data_and_commands_from_the_logs(tmp_path):
+    sub = summarize.build_submission(summarize.load_runs(write_logs(tmp_path)), "n", "a", "g", "t", "2026-05-01")
+    assert sub["track"] == "10min_16mb" and sub["non_record_reasons"] == []
+    assert sub["world_size"] == 8 and sub["launcher"] == "torchrun" and sub["data"]["fineweb"] is True
+    assert sub["train_seconds"] == 596.135 and sub["eval_seconds"] == 434.253
+    assert sub["source_commit"] == COMMIT and sub["source_commit_checked"] is False
+    assert sub["reproduce"]["314"] == ("MATRIX_LR=0.022 RUN_ID=train_seed314 SEED=314 TTT_ENABLED=1 "
+                                       "torchrun --standalone --nproc_per_node=8 train_gpt.py")
+    assert sub["compliance_logged"]["42"]["ttt_legality"]["each_token_once"] == "1"
+    proxy = [Path(p) for p in write_logs(tmp_path, eval_ms=612000)]
+    for path in proxy:
+        path.write_text(path.read_text().replace("world_size:8", "world_size:1").replace(f"val_tokens:{VAL_TOKENS + 1}", "val_tokens:49229"))
+    sub = summarize.build_submission(summarize.load_runs([str(p) for p in proxy]), "n", "a", "g", "t", "2026-05-01")
+    assert sub["track"] == "non_record_16mb" and sub["hardware"] == "1xNVIDIA H100 80GB HBM3"
+    reasons = " | ".join(sub["non_record_reasons"])
+    assert "world size 1, not 8" in reasons and "val_tokens 49,229" in reasons and "evaluation took 612.0 s" in reasons
+    assert "torchrun --standalone --nproc_per_node=1" in sub["reproduce"]["42"]  # the logged launcher
+
+
+def test_summarize_prints_json_or_writes_only_with_force(tmp_path, capsys):
+    logs = write_logs(tmp_path)
+    assert summarize.main(logs + ["--date", "2026-05-01"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seeds"] == [42, 314, 999] and "| seed |" in captured.err
+    out = tmp_path / "submission.json"
+    out.write_text("{}\n")
+    assert summarize.main(logs + ["--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == "{}\n"
+    assert summarize.main(logs + ["--out", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["track"] == "10min_16mb"
 
 
 def test_summarize_compliance_failures_and_no_ttt(tmp_path):
@@ -284,6 +328,8 @@ def test_pack_record_builds_complete_folder(tmp_path, packable):
     assert (out / "train_gpt.py").read_text() == PACKED
     readme = (out / "README.md").read_text()
     assert "tricks" in readme and "| 999 | 4550 |" in readme
+    assert f"Produced by commit `{COMMIT}`" in readme and "Track 10min_16mb." in readme
+    assert "MATRIX_LR=0.022 RUN_ID=train_seed999 SEED=999 TTT_ENABLED=1 torchrun" in readme
     assert json.loads((out / "submission.json").read_text())["name"] == "My run"
     assert not list(out.parent.glob(".*partial"))
 
@@ -322,6 +368,7 @@ def test_pack_record_with_the_real_pack_source(tmp_path):
     req.write_text("brotli\n")
     out = pack_record.build(logs, "real", out=tmp_path / "r", script=script, requirements=req)
     assert (out / "train_gpt.py").read_text(encoding="utf-8") == train_gpt.pack_source(source)
+    assert "it compiles on Python" in (out / "README.md").read_text()
 
 
 def test_pack_record_default_folder_name():
@@ -417,7 +464,7 @@ def test_plot_loss_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ all tools
 
-@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves"])
+@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves", "provenance"])
 def test_help(tool):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"],
                           capture_output=True, text=True, timeout=60)

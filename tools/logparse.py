@@ -33,6 +33,10 @@ _NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 _STAGE = "|".join(re.escape(name) for name in sorted(STAGES, key=len, reverse=True))
 
 RE_SCRIPT = re.compile(r"^script: (\S+) (.*)$")
+RE_CODE = re.compile(r"^code: (.*)$")
+RE_RUN = re.compile(r"^run: (.*)$")
+RE_ENV_SET = re.compile(r"^env_set:(.*)$")
+RE_EVAL_SETTINGS = re.compile(r"^eval_settings:(.*)$")
 RE_ENV = re.compile(r"^env: (.*)$")
 RE_PRESET = re.compile(r"^preset: (\S+)(?: \((.*)\))?$")
 RE_SETTINGS_HEADER = re.compile(r"^settings:\s*$")
@@ -57,6 +61,9 @@ RE_EVAL_TOTAL = re.compile(r"^eval_total: time:(\d+)ms limit:(\d+)ms$")
 RE_COMPLETE = re.compile(r"^run_complete\s*$")
 RE_ERROR = re.compile(r"^error: (.*)$")
 RE_WARNING = re.compile(r"^warning: (.*)$")
+# "NAME=value NAME=value": a new item starts where an upper-case NAME= follows a space.
+RE_ASSIGNMENT = re.compile(r"(?:^|(?<=\s))([A-Z][A-Z0-9_]*)=(.*?)(?=\s+[A-Z][A-Z0-9_]*=|\s*$)")
+RE_SOURCED = re.compile(r"^(.*)\((artifact|env|default)\)$")  # eval_settings values: "2048(artifact)"
 # "key:value key:value" where a value may hold spaces ("device:NVIDIA H100 80GB HBM3 gpus:8").
 RE_PAIR = re.compile(r"(?:^|(?<=\s))(\w+):(.*?)(?=\s+\w+:|\s*$)")
 
@@ -64,6 +71,11 @@ RE_PAIR = re.compile(r"(?:^|(?<=\s))(\w+):(.*?)(?=\s+\w+:|\s*$)")
 def parse_pairs(text: str) -> dict[str, str]:
     """'a:1 device:NVIDIA H100 b:x' -> {'a': '1', 'device': 'NVIDIA H100', 'b': 'x'}."""
     return {m.group(1): m.group(2) for m in RE_PAIR.finditer(text)}
+
+
+def parse_assignments(text: str) -> dict[str, str]:
+    """'A=1 B=x y' -> {'A': '1', 'B': 'x y'} (the env_set: and eval_settings: lines)."""
+    return {m.group(1): m.group(2) for m in RE_ASSIGNMENT.finditer(text.strip())}
 
 
 @dataclasses.dataclass
@@ -80,7 +92,10 @@ class RunLog:
     path: str
     script: dict | None = None  # name, sha256, bytes, packed_sha256, packed_bytes
     script_lines: int = 0  # more than one: two runs appended to one file (RUN_ID reused)
-    env: dict = dataclasses.field(default_factory=dict)
+    code: dict | None = None  # commit, dirty, git_blob (absent in logs before the code: line existed)
+    env: dict = dataclasses.field(default_factory=dict)  # launcher, backend: absent in older logs
+    run_info: dict | None = None  # id, log, artifact, model (the run: line)
+    env_set: dict | None = None  # NAME -> text as given in the environment; None: the log predates env_set
     preset: str | None = None
     settings: dict = dataclasses.field(default_factory=dict)  # NAME -> repr text, as logged
     data: dict = dataclasses.field(default_factory=dict)
@@ -88,6 +103,7 @@ class RunLog:
     train: list = dataclasses.field(default_factory=list)  # (step, train_loss, train_time_ms)
     val: list = dataclasses.field(default_factory=list)  # (step, val_loss, val_bpb)
     stopping_early: dict | None = None
+    eval_settings: dict = dataclasses.field(default_factory=dict)  # NAME -> (value text, artifact|env|default)
     train_budget: dict | None = None  # train_time_ms, calibration_ms, total_ms, limit_ms
     compliance: dict = dataclasses.field(default_factory=dict)
     stages: dict = dataclasses.field(default_factory=dict)  # short stage key -> Stage
@@ -223,12 +239,22 @@ def parse_text(text: str, path: str = "<text>") -> RunLog:
                 if key in run.script:
                     run.script[key] = int(run.script[key])
             run.script_lines += 1
+        elif m := RE_CODE.match(line):
+            run.code = parse_pairs(m.group(1))
         elif m := RE_ENV.match(line):
             run.env = parse_pairs(m.group(1))
+        elif m := RE_RUN.match(line):
+            run.run_info = parse_pairs(m.group(1))
+        elif m := RE_ENV_SET.match(line):
+            run.env_set = parse_assignments(m.group(1))
+        elif m := RE_EVAL_SETTINGS.match(line):
+            for name, text in parse_assignments(m.group(1)).items():
+                sourced = RE_SOURCED.match(text)
+                run.eval_settings[name] = (sourced.group(1), sourced.group(2)) if sourced else (text, None)
         elif m := RE_PRESET.match(line):
             run.preset = m.group(1)
-        elif m := RE_DATA.match(line):
-            run.data = parse_pairs(m.group(1))
+        elif m := RE_DATA.match(line):  # EVAL_ONLY runs end the line with "(EVAL_ONLY: training data not read)"
+            run.data = parse_pairs(re.sub(r"\s*\([^()]*\)\s*$", "", m.group(1)))
         elif m := RE_MODEL_PARAMS.match(line):
             run.model_params = int(m.group(1))
         elif m := RE_STOPPING.match(line):

@@ -18,9 +18,9 @@ logs' `script:` line (packed_sha256, packed_bytes), or when a seed's artifact by
 model bytes. The folder is built beside its destination and only moved into place once every check
 passes, so a refusal leaves nothing behind.
 
-pack_source's output depends on the Python version (ast.unparse formats differently in 3.10, 3.11 and
-3.12), so pack with the Python the runs used (the logs' env: line names it), or pass --packed with the
-copy made on the training machine.
+The README names the commit that produced the logs (tools/provenance.py), gives each seed's command
+as the logs record it (the same function summarize uses), and says which Python the packed copy needs:
+its program is compiled with the Python running this tool, and the runs' Python is named.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import platform
 import re
 import shutil
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.provenance import python_support
 from tools.summarize import Refused, build_submission, load_runs, results_table
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -90,30 +90,33 @@ def check_folder(folder: Path, runs) -> None:
     packed = (folder / "train_gpt.py").read_bytes()
     logged = runs[0].script
     if sha256_hex(packed) != logged.get("packed_sha256") or len(packed) != logged.get("packed_bytes"):
-        ran, here = runs[0].env.get("python", "?"), platform.python_version()
-        hint = "" if ran.split(".")[:2] == here.split(".")[:2] else (
-            f" (the runs used Python {ran}, this is {here}: ast.unparse differs between versions; "
-            "pack with that Python or pass --packed)")
         raise Refused(f"packed train_gpt.py is {len(packed)} bytes, sha256 {sha256_hex(packed)}; "
                       f"{runs[0].path} reports packed_bytes:{logged.get('packed_bytes')} "
-                      f"packed_sha256:{logged.get('packed_sha256')}{hint}")
+                      f"packed_sha256:{logged.get('packed_sha256')} (pack with the script the logs name, or pass "
+                      "--packed with the copy made where the runs were)")
     for run in runs:
         if run.code_bytes != len(packed):
             raise Refused(f"{run.path}: Code size {run.code_bytes} bytes, but the packed train_gpt.py is {len(packed)} bytes")
 
 
-def readme(sub: dict, table: str, runs) -> str:
+def readme(sub: dict, table: str, runs, packed: str) -> str:
     c = sub["compliance"]
-    yes = lambda ok: "yes" if ok is True else ("not used" if ok == "not used" else "**NO**")  # noqa: E731
+    yes = lambda ok: "yes" if ok is True else (ok if isinstance(ok, str) else "**NO**")  # noqa: E731
     worst_train = max(r.train_total_ms for r in runs) / 1000
     worst_eval = max(r.eval_total["time_ms"] for r in runs) / 1000
-    nproc = runs[0].env.get("world_size", "8")
     credit = " ".join(x for x in (sub["author"], f"(@{sub['github_id']})" if sub["github_id"] else "") if x)
     credit = f"{credit}, {sub['date']}" if credit else sub["date"]
+    why = "".join(f"\n- {reason}" for reason in sub["non_record_reasons"])
+    track = f"Track {sub['track']}." + (f" Not a record run:{why}\n" if why else "")
+    commands = "\n".join(sub["reproduce"][str(r.seed)] for r in runs)
     return f"""# {sub['name']}
 
 **val_bpb {sub['val_bpb']:.5f}** (std {sub['val_bpb_std']:.5f}, {len(runs)} seeds) on {sub['hardware']},
-PyTorch {sub['pytorch_version']}. Track {sub['track']}. {credit}.
+PyTorch {sub['pytorch_version']}. {credit}.
+
+{track}
+Produced by commit `{sub['source_commit']}` (its `train_gpt.py`, sha256 `{sub['source_sha256']}`, is the
+script every log names; commit found by: {sub['source_commit_found_by']}).
 
 ## Technique
 
@@ -134,19 +137,24 @@ PyTorch {sub['pytorch_version']}. Track {sub['track']}. {credit}.
 
 ## Reproduce
 
+`train_gpt.py` here is the packed copy of that commit's script; it {python_support(packed, sub['python_version'])}.
+One command per seed, run in this folder (DATA_DIR must hold the data); the settings in it are
+{sub['reproduce_settings_from']}:
+
 ```
 pip install -r requirements.txt
-SEED=42 torchrun --standalone --nproc_per_node={nproc} train_gpt.py
+{commands}
 ```
 
-Every setting of each run is listed in the `settings:` block of its log; `train_gpt.py` here is the
-packed copy of the script whose sha256 ({sub['source_sha256']}) each log names.
+Every setting of each run is listed in the `settings:` block of its log. In the repository,
+`python tools/provenance.py --check-packed <this folder>` checks that this `train_gpt.py` unpacks to
+that commit's program.
 """
 
 
 def build(logs, name, author="", github_id="", technique="", date=None, out=None,
           script: Path = REPO_DIR / "train_gpt.py", requirements: Path = REPO_DIR / "requirements.txt",
-          force: bool = False, packed: Path | None = None) -> Path:
+          force: bool = False, packed: Path | None = None, repo: Path = REPO_DIR) -> Path:
     runs = load_runs(logs)
     date = date or datetime.date.today().isoformat()
     out = Path(out) if out else REPO_DIR / "records" / folder_name(date, name)
@@ -169,9 +177,10 @@ def build(logs, name, author="", github_id="", technique="", date=None, out=None
     staging.mkdir(parents=True)
     try:
         (staging / "train_gpt.py").write_bytes(packed_bytes)
-        sub = build_submission(runs, name, author, github_id, technique, date)
+        sub = build_submission(runs, name, author, github_id, technique, date, repo)
         (staging / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-        (staging / "README.md").write_text(readme(sub, results_table(runs), runs), encoding="utf-8")
+        (staging / "README.md").write_text(readme(sub, results_table(runs), runs, packed_bytes.decode("utf-8")),
+                                           encoding="utf-8")
         for run in runs:
             shutil.copyfile(run.path, staging / f"train_seed{run.seed}.log")
         shutil.copyfile(requirements, staging / "requirements.txt")
@@ -199,10 +208,11 @@ def main(argv=None) -> int:
     ap.add_argument("--requirements", default=str(REPO_DIR / "requirements.txt"))
     ap.add_argument("--packed", default=None, help="use this already packed copy instead of calling pack_source")
     ap.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
+    ap.add_argument("--repo", default=str(REPO_DIR), help="git checkout whose history holds the logs' script")
     args = ap.parse_args(argv)
     try:
         out = build(args.logs, args.name, args.author, args.github_id, args.technique, args.date, args.out,
-                    Path(args.script), Path(args.requirements), args.force, args.packed)
+                    Path(args.script), Path(args.requirements), args.force, args.packed, Path(args.repo))
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
