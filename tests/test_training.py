@@ -89,8 +89,12 @@ def test_two_gloo_ranks_give_the_single_process_weights(baseline, tiny_data, tmp
     assert one.keys() == two.keys()
     for name in one:
         a, b = one[name], two[name]
-        scale = a.abs().max().clamp_min(1e-3)
-        assert (a - b).abs().max() <= 1e-6 * scale, (name, ((a - b).abs().max() / scale).item())
+        # Same math, different summation order (micro-batch accumulation against an all-reduce), and Muon's
+        # Newton-Schulz runs in bf16, where a last-bit difference can flip a rounding: on some CPUs (an AMD EPYC
+        # with torch 2.13) the weights then differ by up to ~6e-6 after 8 steps. One step moves a weight by
+        # ~1e-3, and a wrong split of the batch or a missed all-reduce moves it by far more than this bound.
+        scale = a.abs().max()
+        assert (a - b).abs().max() <= 2e-5 * (1 + scale), (name, (a - b).abs().max().item())
     assert [s for s, _ in train_losses(log)] == list(range(1, 9))
     assert "layer_loop:enabled step:3 " in log
     pre_one, pre_two = stage(base_log, "pre-quantization post-ema"), stage(log, "pre-quantization post-ema")
