@@ -438,6 +438,34 @@ def script_identity(path: Path = SCRIPT_PATH) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+def git_blob_id(data: bytes) -> str:
+    """What `git hash-object` prints for a file of these bytes: finds the file in any history, also when
+    the run had no git at hand."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def code_identity(path: Path = SCRIPT_PATH) -> str:
+    """The `code:` log line: commit of the checkout holding the script, whether the script differs from
+    that commit's copy, and its git blob id. git gets a few seconds and may be missing: never fatal."""
+    import subprocess
+    blob = git_blob_id(path.read_bytes())
+
+    def git(*args) -> list[str] | None:
+        try:
+            out = subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.split("\n") if out.returncode == 0 else None
+
+    commit, dirty = "unknown", "unknown"
+    head = git("rev-parse", "--show-prefix", "HEAD")  # the script's folder inside the checkout, then HEAD
+    if head is not None and len(head) >= 2:
+        prefix, commit = head[0], head[1]
+        in_commit = git("rev-parse", f"HEAD:{prefix}{path.name}")  # None: the commit has no such file
+        dirty = str(int(in_commit is None or in_commit[0] != blob))
+    return f"code: commit:{commit} dirty:{dirty} git_blob:{blob}"
+
+
 # ================================================================================================
 # Data: shards, training windows, validation stream
 # ================================================================================================
@@ -2221,9 +2249,13 @@ def log_header(h, device: torch.device) -> int:
     sha, nbytes = script_identity()
     packed_bytes, readable_bytes, packed_sha = code_sizes()
     log(f"script: {SCRIPT_PATH.name} sha256:{sha} bytes:{nbytes} packed_sha256:{packed_sha} packed_bytes:{packed_bytes}")
+    if h.is_main:  # git runs once, on the rank that writes the log
+        log(code_identity())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"  # torchrun sets it on every worker
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
     log(f"env: python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu} "
-        f"gpus:{torch.cuda.device_count()} world_size:{h.world_size} host:{platform.node()}")
+        f"gpus:{torch.cuda.device_count()} world_size:{h.world_size} host:{platform.node()} launcher:{launcher} backend:{backend}")
     log(f"preset: {h.preset} ({h.preset_reason}{'; data: bundled sample ' + str(SAMPLE_DATA_DIR) if h.sample_data else ''})")
     log("settings:")
     for line in h.as_lines():
