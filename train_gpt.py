@@ -17,7 +17,10 @@ Run:
 
 Every hyperparameter is an environment variable (see SETTINGS below, or the README). Without CUDA, or
 without the challenge shards in DATA_DIR, the script falls back to a small preset and the bundled
-sample in data/sample so that it runs end to end anywhere; the log says which preset it chose.
+sample in data/sample so that it runs end to end anywhere; the log says which preset it chose. EVAL_ONLY
+never falls back: it scores DATA_DIR's validation shards with the evaluation settings stored in the artifact.
+A run's files go to runs/<RUN_ID>/ and are copied to ./final_model.int6.ptz and ./final_model.pt once it
+has completed.
 """
 from __future__ import annotations
 
