@@ -239,7 +239,8 @@ def test_ttt_is_score_first(tiny_data, tmp_path, monkeypatch):
     r, legal = tg.evaluate_sliding(model, val, h, torch.device("cpu"), ttt=cfg,
                                    observer=lambda kind, a, b: events.append((kind, a, b, weights_digest(model))))
     n_chunks = (n - 2) // C + 1
-    assert legal == dict(chunks=n_chunks, trained_chunks=n_chunks - 1, tokens_scored=n - 1, each_token_once=1)
+    assert legal == dict(score_first=1, chunks=n_chunks, trained_chunks=n_chunks - 1, updates_before_score=0,
+                         tokens_scored=n - 1, each_token_once=1)
     assert r.tokens == n - 1 and r.bytes == val.bytes_of(1, n)
 
     scored = np.zeros(n, dtype=np.int64)
@@ -329,7 +330,7 @@ def test_training_log_reports_every_stage(trained, tiny_data):
         assert s[stage][2:] == (plain_tokens, val.bytes_of(1, 1 + plain_tokens))
     for stage in ("quantized_sliding_window", "quantized_ttt"):
         assert s[stage][2:] == (val.n - 1, val.bytes_of(1, val.n))
-    assert re.search(r"^ttt:legality score_first:1 chunks:3 trained_chunks:2 tokens_scored:\d+ each_token_once:1", log, re.M)
+    assert re.search(r"^ttt:legality score_first:1 chunks:3 trained_chunks:2 updates_before_score:0 tokens_scored:\d+ each_token_once:1$", log, re.M)
     assert re.search(r"^eval_total: time:\d+ms limit:600000ms$", log, re.M)
 
 
@@ -388,4 +389,4 @@ def test_two_processes_ttt_like_one(trained, two_process_eval):
     one, two = stages(log), stages(dlog)
     assert two["quantized_ttt"][2:] == one["quantized_ttt"][2:]
     assert abs(float(two["quantized_ttt"][0]) - float(one["quantized_ttt"][0])) <= 1e-5, (one, two)
-    assert re.search(r"^ttt:legality score_first:1 chunks:3 trained_chunks:2 tokens_scored:\d+ each_token_once:1", dlog, re.M)
+    assert re.search(r"^ttt:legality score_first:1 chunks:3 trained_chunks:2 updates_before_score:0 tokens_scored:\d+ each_token_once:1$", dlog, re.M)
