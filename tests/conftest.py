@@ -147,9 +147,3 @@ def run_two_ranks(args: list[str], extra_env: dict[str, str] | None = None, time
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     return outputs
 
-
-def keep_runtime_globals(monkeypatch):
-    """configure_runtime replaces these module globals (backend, compiled functions): put them back after
-    the test, so a compiled function does not leak into later tests."""
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP", "SUM_TENSORS"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))

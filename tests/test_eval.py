@@ -235,7 +235,7 @@ def test_ttt_is_score_first(tiny_data, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(tg, "ttt_train_chunk", guarded_train)
-    cfg = tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=3)
+    cfg = tg.TTTConfig.from_settings(h, lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=3)
     r, legal = tg.evaluate_sliding(model, val, h, torch.device("cpu"), ttt=cfg,
                                    observer=lambda kind, a, b: events.append((kind, a, b, weights_digest(model))))
     n_chunks = (n - 2) // C + 1
@@ -278,14 +278,14 @@ def test_ttt_with_zero_lr_is_exactly_sliding(tiny_data, tmp_path):
     plain, _ = tg.evaluate_sliding(copy.deepcopy(model), val, h, torch.device("cpu"))
     m0 = copy.deepcopy(model)
     zero, legal = tg.evaluate_sliding(m0, val, h, torch.device("cpu"),
-                                      ttt=tg.TTTConfig(lr=0.0, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
+                                      ttt=tg.TTTConfig.from_settings(h, lr=0.0, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
     assert legal["trained_chunks"] == legal["chunks"] - 1 >= 2
     assert (zero.loss_sum, zero.tokens, zero.bytes) == (plain.loss_sum, plain.tokens, plain.bytes)
     assert all(torch.equal(before[k], v) for k, v in m0.state_dict().items())
 
     m1 = copy.deepcopy(model)
     ttt, _ = tg.evaluate_sliding(m1, val, h, torch.device("cpu"),
-                                 ttt=tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
+                                 ttt=tg.TTTConfig.from_settings(h, lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
     assert (ttt.tokens, ttt.bytes) == (plain.tokens, plain.bytes)
     assert ttt.loss_sum != plain.loss_sum
     changed = [k for k, v in m1.state_dict().items() if not torch.equal(before[k], v)]
