@@ -318,6 +318,7 @@ def trained(tiny_data, tmp_path_factory):
     return cwd, env, log
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_training_log_reports_every_stage(trained, tiny_data):
     _, env, log = trained
     s = stages(log)
@@ -334,6 +335,7 @@ def test_training_log_reports_every_stage(trained, tiny_data):
     assert re.search(r"^eval_total: time:\d+ms limit:600000ms$", log, re.M)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_reproduces_the_training_run(trained, tmp_path):
     cwd, env, log = trained
     artifact = cwd / "final_model.int6.ptz"
@@ -352,6 +354,7 @@ def test_eval_only_reproduces_the_training_run(trained, tmp_path):
     assert artifact.read_bytes() == before
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_without_artifact_fails_clearly(trained, tmp_path):
     _, env, _ = trained
     missing = tmp_path / "nowhere" / "model.ptz"
@@ -371,6 +374,7 @@ def two_process_eval(trained):
     return run_script(dict(env, EVAL_ONLY="1", RUN_ID="two_procs"), cwd, torchrun_procs=2)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_two_processes_score_like_one(trained, two_process_eval):
     _, _, log = trained
     proc, dlog = two_process_eval
@@ -382,6 +386,7 @@ def test_two_processes_score_like_one(trained, two_process_eval):
         assert abs(float(two[stage][0]) - float(one[stage][0])) <= 1e-6, (stage, one[stage], two[stage])
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_two_processes_ttt_like_one(trained, two_process_eval):
     _, _, log = trained
     proc, dlog = two_process_eval

@@ -63,6 +63,7 @@ def run_interpreted(child: str):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_fused_softcapped_cross_entropy_matches_plain_head_loss():
     cases = run_interpreted(CHILD)
     assert len(cases) == 8
@@ -92,6 +93,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
     """On GPU, build_runtime only uses the fused loss after this check; a failure falls back to the
     plain path with a warning instead of stopping the run."""

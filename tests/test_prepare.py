@@ -306,6 +306,7 @@ def test_token_id_outside_the_vocabulary_is_refused(tmp_path, capsys, monkeypatc
     assert all_files(tmp_path / "out") == []
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_cli_prints_error_without_traceback(tmp_path):
     (tmp_path / "in.jsonl").write_text("[1, 2]\n")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
