@@ -17,7 +17,10 @@ Run:
 
 Every hyperparameter is an environment variable (see SETTINGS below, or the README). Without CUDA, or
 without the challenge shards in DATA_DIR, the script falls back to a small preset and the bundled
-sample in data/sample so that it runs end to end anywhere; the log says which preset it chose.
+sample in data/sample so that it runs end to end anywhere; the log says which preset it chose. EVAL_ONLY
+never falls back: it scores DATA_DIR's validation shards with the evaluation settings stored in the artifact.
+A run's files go to runs/<RUN_ID>/ and are copied to ./final_model.int6.ptz and ./final_model.pt once it
+has completed.
 """
 from __future__ import annotations
 
@@ -119,17 +122,17 @@ def _s(name, kind, default, help, min=None, max=None, choices=()):
 # entries marked "ours" are new knobs.
 SETTINGS: list[Setting] = [
     # --- run and data
-    _s("PRESET", str, "auto", "ours: auto | record | small. auto = record with CUDA and challenge data, else small", choices=("auto", "record", "small")),
+    _s("PRESET", str, "auto", "ours: auto | record | small. auto = record with CUDA and challenge data (EVAL_ONLY: with CUDA), else small", choices=("auto", "record", "small")),
     _s("DATA_DIR", str, "./data/", "folder with datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/"),
     _s("TRAIN_FILES", str, "", "ours: glob of train shards (default: DATA_DIR/datasets/fineweb10B_spV/fineweb_train_*.bin)"),
     _s("VAL_FILES", str, "", "ours: glob of val shards (default: DATA_DIR/datasets/fineweb10B_spV/fineweb_val_*.bin)"),
     _s("TOKENIZER_PATH", str, "", "ours: SentencePiece model (default: DATA_DIR/tokenizers/fineweb_V_bpe.model)"),
     _s("SEED", int, 1337, "random seed (weights, data order)", min=0),
-    _s("RUN_ID", str, "", "names the log LOGS_DIR/<RUN_ID>.txt and the run folder runs/<RUN_ID>/ (default: UTC date_time_seed<SEED>, e.g. 20261203_104512_seed42); an id whose log or folder exists is refused"),
+    _s("RUN_ID", str, "", "names the log LOGS_DIR/<RUN_ID>.txt and the run folder runs/<RUN_ID>/ (default: UTC date_time_seed<SEED>, e.g. 20261203_104512_seed42, suffixed _2.. if taken); a RUN_ID set by hand whose log or folder exists is refused"),
     _s("LOGS_DIR", str, "logs", "ours: where the run log goes"),
     _s("MODEL_PATH", str, "", "ours: EMA weights (float) written after training (default runs/<RUN_ID>/final_model.pt, copied to ./final_model.pt once the run completes)"),
     _s("ARTIFACT_PATH", str, "", "ours: the quantized, compressed artifact (default runs/<RUN_ID>/final_model.int6.ptz, copied to ./final_model.int6.ptz once the run completes; EVAL_ONLY reads ./final_model.int6.ptz)"),
-    _s("EVAL_ONLY", bool, False, "ours: skip training; load ARTIFACT_PATH and run the evaluations"),
+    _s("EVAL_ONLY", bool, False, "ours: skip training; load ARTIFACT_PATH and run the evaluations, with the EVAL_*/TTT_* values stored in it unless set here"),
     _s("COMPILE", str, "auto", "ours: torch.compile: auto (on with CUDA) | 1 | 0", choices=("auto", "0", "1")),
     _s("ATTENTION_BACKEND", str, "auto", "ours: auto (FA3 if importable, else SDPA) | fa3 | sdpa (PyTorch picks) | sdpa_flash | sdpa_cudnn", choices=("auto", "fa3", "sdpa", "sdpa_flash", "sdpa_cudnn")),
     _s("FUSED_CE", bool, True, "ours: training loss through the fused Triton soft-capped cross entropy on GPU (0 = the compiled plain path)"),

@@ -10,8 +10,8 @@ top of the current environment and any --env KEY=VALUE. The child's output goes 
 
 Logs: the script itself writes $LOGS_DIR/<RUN_ID>.txt (LOGS_DIR from --env or the environment, default
 logs). After each seed the runner copies that file to <--logs-dir>/train_seed<SEED>.log, the name a
-record folder uses. The script appends to its log, so a leftover <RUN_ID>.txt from an earlier attempt
-is first renamed <RUN_ID>.txt.<N>.old rather than mixed into the new run.
+record folder uses. The script refuses a RUN_ID whose log or run folder (runs/<RUN_ID>/) exists, so a
+leftover <RUN_ID>.txt or runs/<RUN_ID>/ from an earlier attempt is first renamed <name>.<N>.old.
 
 Stops at the first seed that fails (non-zero exit code, or a log without run_complete), prints its exit
 code and the last `error:` lines of its log, and exits with that code (1 for an incomplete log).
@@ -69,9 +69,11 @@ def run_seed(seed: int, argv: list[str], extra: dict[str, str], logs_dir: Path) 
     env = seed_env(seed, extra)
     child_env = {**os.environ, **env}
     script_log = Path(child_env.get("LOGS_DIR", "logs")) / f"{run_id(seed)}.txt"
-    moved = _set_aside(script_log)
-    if moved:
-        print(f"[run_seeds] moved the leftover {script_log} to {moved}", flush=True)
+    # train_gpt.py refuses a RUN_ID whose log or run folder exists: move an earlier attempt's aside
+    for leftover in (script_log, Path("runs") / run_id(seed)):
+        moved = _set_aside(leftover)
+        if moved:
+            print(f"[run_seeds] moved the leftover {leftover} to {moved}", flush=True)
     print(f"[run_seeds] seed {seed}: {show(env, argv)}", flush=True)
     proc = subprocess.Popen(argv, env=child_env)
     try:
