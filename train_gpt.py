@@ -15,6 +15,23 @@ Run:
   EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py   # score a shipped artifact
   python train_gpt.py --pack submission/train_gpt.py          # write the compressed submission copy
 
+Sections, each under a banner, in the order the data flows:
+  Errors the user can fix      UserError and its kinds: one `error:` line and exit status 2
+  Configuration                SETTINGS (every environment variable), presets, Hyperparameters
+  Challenge rules              one function per rule (byte counting, score-first, sizes, time limits)
+  Logging                      the log file and the console
+  Data                         shards, training windows, the validation stream
+  Model                        attention, MLP, blocks, the GPT with depth recurrence and U-Net skips
+  Fused cross entropy          the Triton kernel of the training loss on GPU, and its self-check
+  Optimizer                    Muon, AdamW, the LR and momentum schedules, EMA
+  Runtime                      attention backend and compiled functions, held by the model
+  Training                     the step loop under the wallclock cap
+  Quantization                 GPTQ Hessians, GPTQ + SDClip
+  Artifact                     the binary layout, compression, size accounting
+  Source packing               the compressed, self-extracting submission copy (--pack)
+  Evaluation                   byte accounting, plain / sliding-window val_bpb, score-first TTT
+  Main                         setup, train, quantize, write, reload, evaluate; --help, --pack
+
 Every hyperparameter is an environment variable (see SETTINGS below, or the README). Without CUDA, or
 without the challenge shards in DATA_DIR, the script falls back to a small preset and the bundled
 sample in data/sample so that it runs end to end anywhere; the log says which preset it chose. EVAL_ONLY
@@ -316,7 +333,6 @@ class Hyperparameters:
                     self.sample_data = True
         else:
             self.preset_reason = "PRESET set"
-        self.preset = preset
         defaults = dict(SMALL_PRESET) if preset == "small" else {}
         for s in SETTINGS:
             if s.name in environ and s.name != "PRESET":
@@ -325,7 +341,7 @@ class Hyperparameters:
                 value = defaults.get(s.name, s.default)
             _check_value(s, value)
             setattr(self, s.name.lower(), value)
-        self.preset = preset
+        self.preset = preset  # the resolved one, not PRESET's own "auto"
         self.typo_warnings = self._find_typos(environ)
         self._derive(environ)
         self._validate()
@@ -997,7 +1013,7 @@ class GPT(nn.Module):
         self.looping = False
         self.head_dim, self.rope_dims = h.model_dim // h.num_heads, h.rope_dims or h.model_dim // h.num_heads
         self._rope_cache: dict = {}
-        self._init_weights(h)
+        self._init_weights(h.tied_embed_init_std if h.tie_embeddings else 1.0)
         self.use_runtime(runtime or EAGER)
 
     def use_runtime(self, runtime: "Runtime"):
@@ -1006,8 +1022,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.runtime = runtime
 
-    def _init_weights(self, h):
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std if h.tie_embeddings else 1.0)
+    def _init_weights(self, embed_std: float):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 if m.zero_init:
@@ -1080,6 +1096,10 @@ def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Ten
     logits = softcapped_logits(hidden, weight, cap)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
+
+# ================================================================================================
+# Fused cross entropy: a Triton kernel for the training loss on GPU
+# ================================================================================================
 
 # Fused soft-capped cross entropy (training loss on GPU). The plain path materializes the logits, then
 # Inductor reads them several times and writes fp32 intermediates. Here one Triton program per row computes
@@ -1186,22 +1206,6 @@ def fused_ce_self_check(device: torch.device, vocab_size: int, cap: float) -> st
     return None
 
 
-def model_loss(model: GPT, ids: Tensor, targets: Tensor) -> Tensor:
-    """Mean training loss through the model's runtime (compiled or fused head on GPU)."""
-    return model.runtime.head_loss(model.forward_hidden(ids), model.head_weight(), targets, model.logit_softcap)
-
-
-class TrainingModule(nn.Module):
-    """What DDP wraps: forward returns the (compiled-head) training loss."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        return model_loss(self.model, ids, targets)
-
-
 # ================================================================================================
 # Optimizer: Muon for block matrices, AdamW for embedding and control tensors, EMA
 # ================================================================================================
@@ -1301,9 +1305,6 @@ class Muon(torch.optim.Optimizer):
         if wd > 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_add_(params, [updates[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p) for i, p in enumerate(params)], alpha=-lr)
-
-
-CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates")
 
 
 def partition_params(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -1440,6 +1441,22 @@ def build_runtime(h, device: torch.device) -> Runtime:
             fused_ce = False
             log(f"warning: fused cross entropy disabled, the plain path is used instead ({problem}); FUSED_CE=0 silences this")
     return Runtime(attention=attention, native_gqa=h.sdpa_gqa == "native", compiled=use_compile, fused_ce=fused_ce, **functions)
+
+
+def model_loss(model: GPT, ids: Tensor, targets: Tensor) -> Tensor:
+    """Mean training loss through the model's runtime (compiled or fused head on GPU)."""
+    return model.runtime.head_loss(model.forward_hidden(ids), model.head_weight(), targets, model.logit_softcap)
+
+
+class TrainingModule(nn.Module):
+    """What DDP wraps: forward returns the (compiled-head) training loss."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        return model_loss(self.model, ids, targets)
 
 
 # ================================================================================================
@@ -1742,12 +1759,13 @@ def sdclip_scales(W: Tensor, bits: int, clip_sigmas: float) -> tuple[np.ndarray,
 
 
 def round_to_grid(W: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Integer codes of W (..., rows, cols) on a symmetric grid of `bits` bits with one scale per row."""
     qmax = 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(W / scale[..., None]), -qmax, qmax)
 
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128,
-                  damp_frac: float = 0.01, notes: list | None = None) -> tuple[Tensor, Tensor]:
+                  damp_frac: float = 0.01, notes: list | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """GPTQ on a batch of matrices W (n, rows, cols) with Hessians H (n, cols, cols).
 
     Columns are visited in order of descending Hessian diagonal; each column is rounded to the SDClip
@@ -1758,7 +1776,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
     W = W.float().clone()
     H = H.float().clone()
     n, rows, cols = W.shape
-    qmax = 2 ** (bits - 1) - 1
     top, scale_codes = sdclip_scales(W, bits, clip_sigmas)
     scale = torch.from_numpy(scales_from_codes(top, scale_codes)).to(W.device)
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
@@ -1796,7 +1813,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
         err_block = torch.zeros_like(Wb)
         for j in range(i2 - i1):
             w = Wb[:, :, j:j + 1]
-            q = torch.clamp(torch.round(w / sc), -qmax, qmax)
+            q = round_to_grid(w, scale, bits)  # w (n, rows, 1), one scale per row
             Q[:, :, i1 + j] = q.squeeze(-1).to(torch.int8)
             err = (w - q * sc) / Ub[:, j, j].view(n, 1, 1)
             Wb[:, :, j + 1:] -= err * Ub[:, j:j + 1, j + 1:]
@@ -1992,6 +2009,11 @@ def artifact_config(blob: bytes, source: str) -> dict:
     return parse_artifact(blob, source)[0]["config"]
 
 
+# ================================================================================================
+# Source packing: the compressed submission copy of this file (--pack)
+# ================================================================================================
+
+
 def _docstring_owners(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
@@ -2099,8 +2121,8 @@ def count_target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
     return out
 
 
-def load_tokenizer(h):
-    path = Path(h.tokenizer_path)
+def load_tokenizer(tokenizer_path: str, vocab_size: int):
+    path = Path(tokenizer_path)
     if not path.is_file():
         raise DataError(f"tokenizer {path} not found. Download it with `python data/prepare.py download`, or set "
                         "TOKENIZER_PATH (or DATA_DIR) to the SentencePiece model the shards were made with.")
@@ -2109,15 +2131,15 @@ def load_tokenizer(h):
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # noqa: BLE001
         raise DataError(f"tokenizer {path} could not be loaded by sentencepiece: {e}") from None
-    if sp.get_piece_size() != h.vocab_size:
-        raise DataError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={h.vocab_size}. "
+    if sp.get_piece_size() != vocab_size:
+        raise DataError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}. "
                         "Set VOCAB_SIZE to the tokenizer's size, or point TOKENIZER_PATH at the matching model.")
     return sp
 
 
 class ValidationData:
     def __init__(self, h, device: torch.device):
-        self.sp = load_tokenizer(h)
+        self.sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
         self.tokens_np = load_validation_tokens(h)
         self.tokens = torch.from_numpy(self.tokens_np.astype(np.int64))  # CPU; windows are copied per batch
         self.target_bytes = count_target_bytes(self.tokens_np, build_byte_luts(self.sp, h.vocab_size))
@@ -2671,7 +2693,7 @@ def run(h, device: torch.device):
     log("ema:applying EMA weights")
     # GPTQ calibration reads training data, so it runs inside the training budget, right after training.
     (hessians, calib_ms) = timed(device, lambda: collect_hessians(model, result.loader, h, device))
-    train_facts = dict(calibration_data=calibration_source(result.loader.windows.files, h))
+    train_facts = dict(calibration_data=calibration_source(result.loader.windows.files, h.train_files, h.val_files))
     result.loader.close()
     del trainer, ema, result.loader
     log(f"gptq:calibration batches:{h.gptq_calibration_batches} time:{calib_ms:.0f}ms")
@@ -2705,12 +2727,12 @@ def run(h, device: torch.device):
     log("run_complete")
 
 
-def calibration_source(files: list[Path], h) -> str:
+def calibration_source(files: list[Path], train_glob: str, val_glob: str) -> str:
     """What GPTQ calibration read, from the files of the loader it drew its batches from: "train" when all
     are training shards and none is a validation shard."""
     read = {Path(f).resolve() for f in files}
-    train = {Path(f).resolve() for f in glob.glob(h.train_files)}
-    val = {Path(f).resolve() for f in glob.glob(h.val_files)}
+    train = {Path(f).resolve() for f in glob.glob(train_glob)}
+    val = {Path(f).resolve() for f in glob.glob(val_glob)}
     if read & val:
         return "val"
     return "train" if read and read <= train else "other"
