@@ -436,9 +436,16 @@ class Hyperparameters:
 
 def split_batch(batch_tokens: int, seq_len: int, world_size: int, accum: int, micro_tokens: int) -> tuple[int, int]:
     """Return (micro-steps per step, sequences per micro-batch per rank), or explain why it can't split."""
+    if seq_len * world_size > batch_tokens:
+        raise ConfigError(
+            f"TRAIN_SEQ_LEN={seq_len} is longer than one rank's share of the batch (TRAIN_BATCH_TOKENS={batch_tokens} "
+            f"over WORLD_SIZE={world_size}): every rank needs at least one whole sequence per step. Lower TRAIN_SEQ_LEN "
+            f"(the record uses 2048) or raise TRAIN_BATCH_TOKENS to a multiple of {seq_len * world_size}."
+        )
     if batch_tokens % seq_len:
         raise ConfigError(
-            f"TRAIN_BATCH_TOKENS={batch_tokens} is not a whole number of TRAIN_SEQ_LEN={seq_len} sequences."
+            f"TRAIN_BATCH_TOKENS={batch_tokens} is not a whole number of TRAIN_SEQ_LEN={seq_len} sequences. Pick a "
+            f"TRAIN_SEQ_LEN that divides the batch (the record uses 2048), or a TRAIN_BATCH_TOKENS that is a multiple of {seq_len}."
         )
     seqs = batch_tokens // seq_len
     if seqs % world_size:
@@ -2492,6 +2499,7 @@ def log_header(h, device: torch.device) -> int:
     """Log what code ran, where, and with which settings; returns the submitted code size in bytes."""
     sha, nbytes = script_identity()
     packed_bytes, readable_bytes, packed_sha = code_sizes()
+    log_typo_warnings(h)  # first, where they are seen; repeated at the end of the run
     log(f"script: {SCRIPT_PATH.name} sha256:{sha} bytes:{nbytes} packed_sha256:{packed_sha} packed_bytes:{packed_bytes}")
     if h.is_main:  # git runs once, on the rank that writes the log
         log(code_identity())
@@ -2509,9 +2517,13 @@ def log_header(h, device: torch.device) -> int:
     log("env_set: " + " ".join(f"{n}={v}" for n, v in sorted(h.explicit_values.items())))
     log(f"derived: grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs} "
         f"tokens_per_micro_batch:{h.micro_batch_seqs * h.train_seq_len}")
+    return packed_bytes
+
+
+def log_typo_warnings(h):
+    """Environment variables that look like misspelt settings (and so change nothing)."""
     for w in h.typo_warnings:
         log(f"warning: {w}")
-    return packed_bytes
 
 
 def save_float_weights(model: GPT, path: str):
@@ -2678,6 +2690,7 @@ def run(h, device: torch.device):
         path = Path(h.artifact_path)
         facts = evaluate_artifact(path, h, device, val)
         log_compliance(facts, None, val.updates, code_bytes, path)
+        log_typo_warnings(h)  # again at the end: the first ones are far up by now
         log("run_complete")
         return
     model = GPT(h).to(device)
@@ -2724,6 +2737,7 @@ def run(h, device: torch.device):
     log_compliance(facts, train_facts, val_updates_before_quant, code_bytes, Path(paths[0]))
     if h.is_main:
         publish_run_files(h, Path(paths[0]))
+    log_typo_warnings(h)  # again at the end: the first ones are far up by now
     log("run_complete")
 
 
@@ -2781,16 +2795,30 @@ def pack_command(out_path: str) -> int:
     return 0
 
 
+def help_text() -> str:
+    """--help: how to run, then every setting with its default, its small-preset value and its meaning."""
+    usage = __doc__.split("\nSections,")[0].rstrip() if __doc__ else "train_gpt.py"
+    width = max(len(st.name) for st in SETTINGS)
+    rows = [f"  {st.name:<{width}}  {st.default!r:<14} {repr(SMALL_PRESET[st.name]) if st.name in SMALL_PRESET else '':<8} {st.help}"
+            for st in SETTINGS]
+    return (f"{usage}\n\nSettings are environment variables (NAME=value python train_gpt.py); any other argument than "
+            f"--help or --pack OUT.py is refused.\n\n  {'NAME':<{width}}  {'default':<14} {'small':<8} meaning\n"
+            + "\n".join(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     global SKIP_FINALIZATION
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--help"], ["-h"]):
+        print(help_text(), end="")
+        return 0
     if argv[:1] == ["--pack"]:
         if len(argv) != 2:
             print("usage: python train_gpt.py --pack OUT.py", file=sys.stderr)
             return 2
         return pack_command(argv[1])
     if argv:
-        print(f"error: unknown arguments {argv}; settings are environment variables (see the README)", file=sys.stderr)
+        print(f"error: unknown arguments {argv}; settings are environment variables (`python train_gpt.py --help` lists them)", file=sys.stderr)
         return 2
     try:
         h = Hyperparameters()
