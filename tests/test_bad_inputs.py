@@ -288,8 +288,10 @@ def test_typo_of_a_setting_warns_and_runs(finished_run):
     assert proc.returncode == 0
     no_traceback(proc)
     assert "run_complete" in log
-    warnings = [line for line in log.splitlines() if line.startswith("warning:") and "MATRIX_LRR" in line]
-    assert len(warnings) == 1, log[:4000]
+    lines = log.splitlines()
+    warnings = [line for line in lines if line.startswith("warning:") and "MATRIX_LRR" in line]
+    assert len(warnings) == 2, log[:4000]  # first, and again at the end where it is seen
+    assert lines[0] == warnings[0] and lines[-2] == warnings[1] and lines[-1] == "run_complete"
     has_all(warnings[0], "MATRIX_LRR", "did you mean MATRIX_LR?")
     assert "  MATRIX_LR=0.04\n" in log, "the misspelt variable must not change MATRIX_LR (small preset: 0.04)"
     assert not partial_files(cwd)

@@ -272,6 +272,24 @@ def test_ttt_is_score_first(tiny_data, tmp_path, monkeypatch):
     assert len(set(firsts)) == len(firsts), "every TTT phase must update the weights"
 
 
+def test_sliding_and_ttt_report_progress_with_running_bpb_and_eta(tiny_data, tmp_path, monkeypatch):
+    h, val, model = eval_setup(tiny_data, tmp_path, 1500, TTT_CHUNK_TOKENS=128)
+    lines = []
+    monkeypatch.setattr(tg, "log", lambda msg="", console=True: lines.append(msg))
+    plain, _ = tg.evaluate_sliding(copy.deepcopy(model), val, h, torch.device("cpu"))
+    ttt, _ = tg.evaluate_sliding(model, val, h, torch.device("cpu"), ttt=tg.TTTConfig.from_settings(h, epochs=1))
+    n_chunks = (1500 - 2) // 128 + 1
+    for name, result in (("sliding", plain), ("ttt", ttt)):
+        mine = [l for l in lines if l.startswith(f"eval_progress: {name} ")]
+        # about every 10 % of the chunks, never after the last one (the stage line follows)
+        assert 5 <= len(mine) < n_chunks, mine
+        last = dict(kv.split(":", 1) for kv in mine[-1].split()[2:])
+        done, total = map(int, last["chunk"].split("/"))
+        assert total == n_chunks and done < total and float(last["eta"].rstrip("s")) >= 0
+        assert 0 < int(last["rank0_tokens"]) < result.tokens
+        assert abs(float(last["rank0_running_bpb"]) - result.bpb) < 0.5
+
+
 def test_ttt_with_zero_lr_is_exactly_sliding(tiny_data, tmp_path):
     h, val, model = eval_setup(tiny_data, tmp_path, 1200, TTT_CHUNK_TOKENS=300)
     before = copy.deepcopy(model.state_dict())
