@@ -322,3 +322,17 @@ def test_ttt_compile_warm_up_reads_no_validation_token_and_leaves_no_trace(obser
     assert warm["before"].keys() == warm["after"].keys()
     assert all(torch.equal(warm["before"][k], warm["after"][k]) for k in warm["before"]), "the warm-up changed the weights"
     assert with_warmup == without, "the warm-up changed the TTT result"
+
+
+def test_ledger_records_batches_of_windows_exactly():
+    plan = tg.plan_windows(300, 64, 16)
+    whole = tg.ScoreLedger(300, 1)
+    whole.score_windows(0, plan)
+    one_by_one = tg.ScoreLedger(300, 1)
+    for row in plan:
+        one_by_one.score_windows(0, row[None])
+    assert whole.summary(CPU) == one_by_one.summary(CPU)
+    assert whole.summary(CPU)["each_token_once"] == 1 and whole.windows[0] == len(plan)
+    repeated = tg.ScoreLedger(300, 1)  # a window twice in one batch: not one range, counted window by window
+    repeated.score_windows(0, np.concatenate([plan[:3], plan[2:3], plan[3:]]))
+    assert repeated.summary(CPU)["each_token_once"] == 0
