@@ -2532,11 +2532,11 @@ def claim_free_run_id(h) -> str:
     raise ConfigError(f"RUN_ID {base} and its suffixes _2.._999 are all used; set RUN_ID.")
 
 
-def log_header(h, device: torch.device) -> int:
+def log_header(h, device: torch.device, runtime: Runtime) -> int:
     """Log what code ran, where, and with which settings; returns the submitted code size in bytes."""
     sha, nbytes = script_identity()
     packed_bytes, readable_bytes, packed_sha = code_sizes()
-    log_typo_warnings(h)  # first, where they are seen; repeated at the end of the run
+    log_typo_warnings(h.typo_warnings)  # first, where they are seen; repeated at the end of the run
     log(f"script: {SCRIPT_PATH.name} sha256:{sha} bytes:{nbytes} packed_sha256:{packed_sha} packed_bytes:{packed_bytes}")
     if h.is_main:  # git runs once, on the rank that writes the log
         log(code_identity())
@@ -2545,6 +2545,7 @@ def log_header(h, device: torch.device) -> int:
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
     log(f"env: python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu} "
         f"gpus:{torch.cuda.device_count()} world_size:{h.world_size} host:{platform.node()} launcher:{launcher} backend:{backend}")
+    log(runtime.describe())
     log(f"run: id:{h.run_id} log:{h.logfile} artifact:{h.artifact_path} model:{'none' if h.eval_only else h.model_path}")
     log(f"preset: {h.preset} ({h.preset_reason}{'; data: bundled sample ' + h.data_dir if h.sample_data else ''})")
     log("settings:")
@@ -2557,9 +2558,9 @@ def log_header(h, device: torch.device) -> int:
     return packed_bytes
 
 
-def log_typo_warnings(h):
+def log_typo_warnings(warnings: list[str]):
     """Environment variables that look like misspelt settings (and so change nothing)."""
-    for w in h.typo_warnings:
+    for w in warnings:
         log(f"warning: {w}")
 
 
@@ -2707,7 +2708,8 @@ def evaluate_artifact(path: Path, h, device, val: ValidationData) -> dict:
 
 
 def run(h, device: torch.device):
-    code_bytes = log_header(h, device)
+    runtime = build_runtime(h, device)  # first, so that the log names the attention backend near its top
+    code_bytes = log_header(h, device, runtime)
     _, readable_bytes = script_identity()
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -2727,12 +2729,11 @@ def run(h, device: torch.device):
         path = Path(h.artifact_path)
         facts = evaluate_artifact(path, h, device, val)
         log_compliance(facts, None, val.updates, code_bytes, path)
-        log_typo_warnings(h)  # again at the end: the first ones are far up by now
+        log_typo_warnings(h.typo_warnings)  # again at the end: the first ones are far up by now
         log("run_complete")
         return
     model = GPT(h).to(device)
-    model.use_runtime(build_runtime(h, device))
-    log(model.runtime.describe())
+    model.use_runtime(runtime)
     trainer = Trainer(h, model, device)
     windows = trainer.loader.windows
     log(f"data: train_shards:{len(windows.files)} train_tokens:{int(windows.counts.sum())} val_tokens:{val.n} "
@@ -2774,7 +2775,7 @@ def run(h, device: torch.device):
     log_compliance(facts, train_facts, val_updates_before_quant, code_bytes, Path(paths[0]))
     if h.is_main:
         publish_run_files(h, Path(paths[0]))
-    log_typo_warnings(h)  # again at the end: the first ones are far up by now
+    log_typo_warnings(h.typo_warnings)  # again at the end: the first ones are far up by now
     log("run_complete")
 
 
