@@ -15,6 +15,23 @@ Run:
   EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py   # score a shipped artifact
   python train_gpt.py --pack submission/train_gpt.py          # write the compressed submission copy
 
+Sections, each under a banner, in the order the data flows:
+  Errors the user can fix      UserError and its kinds: one `error:` line and exit status 2
+  Configuration                SETTINGS (every environment variable), presets, Hyperparameters
+  Challenge rules              one function per rule (byte counting, score-first, sizes, time limits)
+  Logging                      the log file and the console
+  Data                         shards, training windows, the validation stream
+  Model                        attention, MLP, blocks, the GPT with depth recurrence and U-Net skips
+  Fused cross entropy          the Triton kernel of the training loss on GPU, and its self-check
+  Optimizer                    Muon, AdamW, the LR and momentum schedules, EMA
+  Runtime                      attention backend and compiled functions, held by the model
+  Training                     the step loop under the wallclock cap
+  Quantization                 GPTQ Hessians, GPTQ + SDClip
+  Artifact                     the binary layout, compression, size accounting
+  Source packing               the compressed, self-extracting submission copy (--pack)
+  Evaluation                   byte accounting, plain / sliding-window val_bpb, score-first TTT
+  Main                         setup, train, quantize, write, reload, evaluate; --help, --pack
+
 Every hyperparameter is an environment variable (see SETTINGS below, or the README). Without CUDA, or
 without the challenge shards in DATA_DIR, the script falls back to a small preset and the bundled
 sample in data/sample so that it runs end to end anywhere; the log says which preset it chose. EVAL_ONLY
@@ -48,6 +65,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -223,8 +241,10 @@ SMALL_PRESET = {
     "NUM_LAYERS": 4, "MODEL_DIM": 128, "EMBEDDING_DIM": 128, "NUM_HEADS": 4, "NUM_KV_HEADS": 2,
     "XSA_LAST_N": 4, "LOOP_START": 1, "LOOP_END": 2, "NUM_LOOPS": 1, "PARALLEL_RESIDUAL_START": 3,
     "TRAIN_SEQ_LEN": 256, "EVAL_SEQ_LEN": 256, "EVAL_STRIDE": 64, "TRAIN_BATCH_TOKENS": 8192,
-    "MICRO_BATCH_TOKENS": 8192, "ITERATIONS": 300, "MAX_WALLCLOCK_SECONDS": 90.0,
-    "GPTQ_RESERVE_SECONDS": 3.0, "WARMUP_STEPS": 2, "TRAIN_LOG_EVERY": 25, "VAL_LOSS_EVERY": 100,
+    # By steps, not seconds, so that every machine trains the same model and gets the same score: 40 steps is
+    # what an idle 2-core machine did in the old 90 s budget (about 3 minutes for the whole command).
+    "MICRO_BATCH_TOKENS": 8192, "ITERATIONS": 40, "MAX_WALLCLOCK_SECONDS": 0.0,
+    "GPTQ_RESERVE_SECONDS": 3.0, "WARMUP_STEPS": 2, "TRAIN_LOG_EVERY": 10, "VAL_LOSS_EVERY": 20,
     "VAL_BATCH_TOKENS": 16384, "MUON_MOMENTUM_WARMUP_STEPS": 50, "EMA_DECAY": 0.97,
     "GPTQ_CALIBRATION_BATCHES": 8, "MATRIX_LR": 0.04, "TTT_ENABLED": True,
     "TTT_CHUNK_TOKENS": 8192, "EVAL_BATCH_SEQS": 32, "TTT_BATCH_SEQS": 8, "QUANT_MIN_NUMEL": 4096,
@@ -315,7 +335,6 @@ class Hyperparameters:
                     self.sample_data = True
         else:
             self.preset_reason = "PRESET set"
-        self.preset = preset
         defaults = dict(SMALL_PRESET) if preset == "small" else {}
         for s in SETTINGS:
             if s.name in environ and s.name != "PRESET":
@@ -324,7 +343,7 @@ class Hyperparameters:
                 value = defaults.get(s.name, s.default)
             _check_value(s, value)
             setattr(self, s.name.lower(), value)
-        self.preset = preset
+        self.preset = preset  # the resolved one, not PRESET's own "auto"
         self.typo_warnings = self._find_typos(environ)
         self._derive(environ)
         self._validate()
@@ -419,9 +438,16 @@ class Hyperparameters:
 
 def split_batch(batch_tokens: int, seq_len: int, world_size: int, accum: int, micro_tokens: int) -> tuple[int, int]:
     """Return (micro-steps per step, sequences per micro-batch per rank), or explain why it can't split."""
+    if seq_len * world_size > batch_tokens:
+        raise ConfigError(
+            f"TRAIN_SEQ_LEN={seq_len} is longer than one rank's share of the batch (TRAIN_BATCH_TOKENS={batch_tokens} "
+            f"over WORLD_SIZE={world_size}): every rank needs at least one whole sequence per step. Lower TRAIN_SEQ_LEN "
+            f"(the record uses 2048) or raise TRAIN_BATCH_TOKENS to a multiple of {seq_len * world_size}."
+        )
     if batch_tokens % seq_len:
         raise ConfigError(
-            f"TRAIN_BATCH_TOKENS={batch_tokens} is not a whole number of TRAIN_SEQ_LEN={seq_len} sequences."
+            f"TRAIN_BATCH_TOKENS={batch_tokens} is not a whole number of TRAIN_SEQ_LEN={seq_len} sequences. Pick a "
+            f"TRAIN_SEQ_LEN that divides the batch (the record uses 2048), or a TRAIN_BATCH_TOKENS that is a multiple of {seq_len}."
         )
     seqs = batch_tokens // seq_len
     if seqs % world_size:
@@ -498,9 +524,14 @@ class Logger:
     """Writes to the console and logs/<RUN_ID>.txt (rank 0 only), flushing every line so that a crash
     or a kill never loses what was already said."""
 
-    def __init__(self, path: str | None, enabled: bool):
+    def __init__(self, path: str | None = None, enabled: bool = True):
+        self.enabled, self.file = True, None
+        self.open(path, enabled)
+
+    def open(self, path: str | None, enabled: bool):
+        """Write from now on to `path` (None: console only), or nowhere when not enabled (ranks > 0)."""
+        self.close()
         self.enabled = enabled
-        self.file = None
         if enabled and path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")
@@ -510,6 +541,8 @@ class Logger:
             return
         if console:
             print(msg, flush=True)
+            if msg.startswith("error"):  # errors also where a shell or a scheduler looks for them (first line)
+                print(msg.splitlines()[0], file=sys.stderr, flush=True)
         if self.file is not None:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -521,7 +554,7 @@ class Logger:
             self.file = None
 
 
-log = Logger(None, enabled=True)  # replaced in main()
+log = Logger()  # the console until main() opens the run's log file (log.open); one object for the whole process
 
 
 def script_identity(path: Path = SCRIPT_PATH) -> tuple[str, int]:
@@ -789,22 +822,19 @@ try:  # FlashAttention 3 (Hopper); PyTorch's scaled_dot_product_attention is the
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_attn_3 = None
 
-ATTENTION_BACKEND = "sdpa"  # set by configure_runtime()
-SDPA_NATIVE_GQA = True  # SDPA's own GQA (PyTorch >= 2.5) instead of repeating K/V; see SDPA_GQA
-
-
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); causal, GQA, default 1/sqrt(D) scale."""
-    if ATTENTION_BACKEND == "fa3" and q.is_cuda:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", native_gqa: bool = True) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); causal, GQA, default 1/sqrt(D) scale. backend: fa3 or an
+    SDPA variant (Runtime.attention); native_gqa: SDPA's own GQA (PyTorch >= 2.5) instead of repeating K/V."""
+    if backend == "fa3" and q.is_cuda:
         out = _flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if k.size(1) != q.size(1):
-        if SDPA_NATIVE_GQA:
+        if native_gqa:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         group = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -863,6 +893,7 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.use_xsa = use_xsa
+        self.runtime = EAGER  # the model's Runtime (GPT.use_runtime): which attention kernel
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -871,7 +902,7 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_partial_rope(rms_norm(q), cos, sin), apply_partial_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
         if self.use_xsa:
             y = remove_self_value(y, v)
         return self.proj(y.reshape(B, T, -1), out_scale)
@@ -943,13 +974,14 @@ class FanOut(torch.autograd.Function):
     (n + 1). The n gradients are held until the last one arrives, at the end of backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, n: int):
+    def forward(ctx, x: Tensor, n: int, sum_fn):
+        ctx.sum_fn = sum_fn  # sum_tensors, compiled on GPU (Runtime.sum_tensors)
         return tuple(x.detach() for _ in range(n))
 
     @staticmethod
     def backward(ctx, *grads):
         present = [g for g in grads if g is not None]
-        return (SUM_TENSORS(present) if present else None), None
+        return (ctx.sum_fn(present) if present else None), None, None
 
 
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int, looping: bool) -> tuple[list[int], list[int]]:
@@ -971,7 +1003,7 @@ class FinalNorm(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h):
+    def __init__(self, h, runtime: "Runtime | None" = None):
         super().__init__()
         self.h = h
         self.tie_embeddings, self.logit_softcap = h.tie_embeddings, h.logit_softcap
@@ -988,13 +1020,19 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, h.model_dim)) if h.skip_gates_enabled else None
         self.looping = False
-        self.block_fn = run_block  # replaced by a compiled version on GPU
         self.head_dim, self.rope_dims = h.model_dim // h.num_heads, h.rope_dims or h.model_dim // h.num_heads
         self._rope_cache: dict = {}
-        self._init_weights(h)
+        self._init_weights(h.tied_embed_init_std if h.tie_embeddings else 1.0)
+        self.use_runtime(runtime or EAGER)
 
-    def _init_weights(self, h):
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std if h.tie_embeddings else 1.0)
+    def use_runtime(self, runtime: "Runtime"):
+        """How this model computes (attention kernel, compiled block and head): see Runtime."""
+        self.runtime = runtime
+        for block in self.blocks:
+            block.attn.runtime = runtime
+
+    def _init_weights(self, embed_std: float):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 if m.zero_init:
@@ -1026,9 +1064,10 @@ class GPT(nn.Module):
         x0, x, skips = x, x.clone(), []
         enc, dec = self.layer_order()
         n_uses = len(enc) + len(dec)
-        uses = FanOut.apply(x0, n_uses) if x0.requires_grad else [x0] * n_uses
+        rt = self.runtime
+        uses = FanOut.apply(x0, n_uses, rt.sum_tensors) if x0.requires_grad else [x0] * n_uses
         for k, i in enumerate(enc):
-            x = self.block_fn(self.blocks[i], x, uses[k], cos, sin)
+            x = rt.block(self.blocks[i], x, uses[k], cos, sin)
             skips.append(x)
         if skips:  # the first decoder merge would get x twice (x is skip): keep graphs free of aliasing
             skips[-1] = skips[-1].clone()
@@ -1036,8 +1075,8 @@ class GPT(nn.Module):
             if j < self.skip_weights.size(0) and skips:
                 # clone(): a row view has a storage offset, which a compiled graph would specialize on
                 gate = self.skip_gates[j].clone() if self.skip_gates is not None else None
-                x = MERGE_SKIP(x, skips.pop(), self.skip_weights[j].clone(), gate)
-            x = self.block_fn(self.blocks[i], x, uses[len(enc) + j], cos, sin)
+                x = rt.merge_skip(x, skips.pop(), self.skip_weights[j].clone(), gate)
+            x = rt.block(self.blocks[i], x, uses[len(enc) + j], cos, sin)
         x = self.final_norm(x)
         if self.head_proj is not None:
             x = self.head_proj(x)
@@ -1066,6 +1105,10 @@ def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Ten
     logits = softcapped_logits(hidden, weight, cap)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
+
+# ================================================================================================
+# Fused cross entropy: a Triton kernel for the training loss on GPU
+# ================================================================================================
 
 # Fused soft-capped cross entropy (training loss on GPU). The plain path materializes the logits, then
 # Inductor reads them several times and writes fp32 intermediates. Here one Triton program per row computes
@@ -1172,66 +1215,6 @@ def fused_ce_self_check(device: torch.device, vocab_size: int, cap: float) -> st
     return None
 
 
-# Compiled versions (set by configure_runtime); plain functions on CPU.
-HEAD_LOSS = head_loss
-HEAD_NLL = head_nll
-MERGE_SKIP = merge_skip
-SUM_TENSORS = sum_tensors
-
-
-def configure_runtime(h, device: torch.device, model_or_models=()) -> str:
-    """Pick the attention backend and, on GPU, compile the block and the head. Returns a description."""
-    global ATTENTION_BACKEND, SDPA_NATIVE_GQA, HEAD_LOSS, HEAD_NLL, MERGE_SKIP, SUM_TENSORS
-    SDPA_NATIVE_GQA = h.sdpa_gqa == "native"
-    want = h.attention_backend
-    if want == "fa3" and _flash_attn_3 is None:
-        raise ConfigError("ATTENTION_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not importable; "
-                          "install it or use ATTENTION_BACKEND=sdpa.")
-    ATTENTION_BACKEND = "fa3" if (want in ("auto", "fa3") and _flash_attn_3 is not None and device.type == "cuda") else "sdpa"
-    if device.type == "cuda" and want in ("sdpa_flash", "sdpa_cudnn"):  # restrict SDPA to one kernel family
-        torch.backends.cuda.enable_flash_sdp(want == "sdpa_flash")
-        torch.backends.cuda.enable_cudnn_sdp(want == "sdpa_cudnn")
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        ATTENTION_BACKEND = want
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        compiled_block = torch.compile(run_block, dynamic=False, fullgraph=True)
-        HEAD_LOSS = torch.compile(head_loss, dynamic=False, fullgraph=True)
-        HEAD_NLL = torch.compile(head_nll, dynamic=False, fullgraph=True)
-        MERGE_SKIP = torch.compile(merge_skip, dynamic=False, fullgraph=True)
-        SUM_TENSORS = torch.compile(sum_tensors, dynamic=False, fullgraph=True)
-    else:
-        compiled_block = run_block
-        HEAD_LOSS, HEAD_NLL, MERGE_SKIP, SUM_TENSORS = head_loss, head_nll, merge_skip, sum_tensors
-    fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
-    if fused_ce:
-        problem = fused_ce_self_check(device, h.vocab_size, h.logit_softcap)
-        if problem is None:
-            HEAD_LOSS = fused_head_loss
-        else:
-            fused_ce = False
-            log(f"warning: fused cross entropy disabled, the plain path is used instead ({problem}); FUSED_CE=0 silences this")
-    for m in model_or_models:
-        m.block_fn = compiled_block
-    return f"attention:{ATTENTION_BACKEND} gqa:{h.sdpa_gqa} compile:{int(use_compile)} fused_ce:{int(fused_ce)}"
-
-
-def model_loss(model: GPT, ids: Tensor, targets: Tensor) -> Tensor:
-    return HEAD_LOSS(model.forward_hidden(ids), model.head_weight(), targets, model.logit_softcap)
-
-
-class TrainingModule(nn.Module):
-    """What DDP wraps: forward returns the (compiled-head) training loss."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        return model_loss(self.model, ids, targets)
-
-
 # ================================================================================================
 # Optimizer: Muon for block matrices, AdamW for embedding and control tensors, EMA
 # ================================================================================================
@@ -1251,9 +1234,6 @@ def newton_schulz(G: Tensor, steps: int) -> Tensor:
     return X
 
 
-NEWTON_SCHULZ = newton_schulz  # compiled on GPU by build_optimizers
-
-
 class Muon(torch.optim.Optimizer):
     """MuonEq-R: Nesterov momentum, each update row-normalized, orthogonalized by Newton-Schulz, scaled
     by sqrt(max(1, rows/cols)), with decoupled weight decay.
@@ -1264,10 +1244,11 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 row_normalize: bool, rank: int = 0, world_size: int = 1):
+                 row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=newton_schulz):
         params = list(params)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize = backend_steps, row_normalize
+        self.orthogonalize = orthogonalize  # newton_schulz, compiled on GPU (Runtime.newton_schulz)
         self.rank, self.world_size = rank, world_size
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(params):
@@ -1321,7 +1302,7 @@ class Muon(torch.optim.Optimizer):
                     G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 tall.append(G.size(1) > G.size(2))
                 oriented.append(G.mT if tall[-1] else G)
-            X = NEWTON_SCHULZ(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps)
+            X = self.orthogonalize(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps)
             for (idx, start, end), G, t in zip(runs, oriented, tall):
                 U, X = X[:G.size(0)], X[G.size(0):]
                 U = U.mT if t else U
@@ -1333,9 +1314,6 @@ class Muon(torch.optim.Optimizer):
         if wd > 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_add_(params, [updates[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p) for i, p in enumerate(params)], alpha=-lr)
-
-
-CONTROL_PARAM_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates")
 
 
 def partition_params(model: GPT) -> dict[str, list[nn.Parameter]]:
@@ -1356,7 +1334,6 @@ def partition_params(model: GPT) -> dict[str, list[nn.Parameter]]:
 
 class Optimizers:
     def __init__(self, h, model: GPT):
-        global NEWTON_SCHULZ
         groups = partition_params(model)
         fused = dict(fused=True) if next(model.parameters()).is_cuda else dict(foreach=True)
         adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
@@ -1364,14 +1341,12 @@ class Optimizers:
         self.embed = torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)], weight_decay=h.embed_wd, **adam)
         self.scalar = torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam)
         self.muon = Muon(groups["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd,
-                         h.muon_row_normalize, h.rank, h.world_size)
+                         h.muon_row_normalize, h.rank, h.world_size, model.runtime.newton_schulz)
         self.muon.param_groups[0]["base_lr"] = h.matrix_lr
         self.all = [self.embed, self.muon, self.scalar]
         if groups["head"]:
             self.head = torch.optim.Adam([dict(params=groups["head"], lr=h.head_lr, base_lr=h.head_lr)], **adam)
             self.all.insert(1, self.head)
-        if next(model.parameters()).is_cuda and h.compile != "0" and NEWTON_SCHULZ is newton_schulz:
-            NEWTON_SCHULZ = torch.compile(newton_schulz, dynamic=False)
 
     def set_schedule(self, lr_scale: float, muon_momentum: float):
         for opt in self.all:
@@ -1414,6 +1389,83 @@ class EMA:
     def copy_to(self, model: nn.Module):
         for p, s in zip(model.parameters(), self.shadow):
             p.copy_(s)
+
+
+# ================================================================================================
+# Runtime: attention backend and compiled functions
+# ================================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How this process computes the model: the attention kernel, and the functions the model, Muon and
+    the evaluation call -- torch.compile'd (or the fused Triton loss) on GPU, the plain ones on CPU. One
+    object, built once by build_runtime and held by the model (GPT.use_runtime), which the trainer and the
+    evaluation reach through the model; nothing is swapped in module globals."""
+    attention: str = "sdpa"  # fa3 / sdpa (PyTorch picks) / sdpa_flash / sdpa_cudnn
+    native_gqa: bool = True  # SDPA's own GQA (PyTorch >= 2.5) instead of repeating K/V; see SDPA_GQA
+    compiled: bool = False
+    fused_ce: bool = False
+    block: Callable = run_block
+    head_loss: Callable = head_loss
+    head_nll: Callable = head_nll
+    merge_skip: Callable = merge_skip
+    sum_tensors: Callable = sum_tensors
+    newton_schulz: Callable = newton_schulz
+
+    def describe(self) -> str:
+        return (f"attention:{self.attention} gqa:{'native' if self.native_gqa else 'repeat'} "
+                f"compile:{int(self.compiled)} fused_ce:{int(self.fused_ce)}")
+
+
+EAGER = Runtime()  # plain functions, SDPA: what a model uses until it is given another runtime
+
+
+def build_runtime(h, device: torch.device) -> Runtime:
+    """Pick the attention backend and, on GPU, compile the block, the head, the skip merge, the gradient sum
+    and Newton-Schulz; check the fused cross entropy before using it."""
+    want = h.attention_backend
+    if want == "fa3" and _flash_attn_3 is None:
+        raise ConfigError("ATTENTION_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not importable; "
+                          "install it or use ATTENTION_BACKEND=sdpa.")
+    attention = "fa3" if (want in ("auto", "fa3") and _flash_attn_3 is not None and device.type == "cuda") else "sdpa"
+    if device.type == "cuda" and want in ("sdpa_flash", "sdpa_cudnn"):  # restrict SDPA to one kernel family
+        torch.backends.cuda.enable_flash_sdp(want == "sdpa_flash")
+        torch.backends.cuda.enable_cudnn_sdp(want == "sdpa_cudnn")
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        attention = want
+    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    functions = dict(block=run_block, head_loss=head_loss, head_nll=head_nll, merge_skip=merge_skip, sum_tensors=sum_tensors)
+    if use_compile:
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        functions = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in functions.items()}
+    if device.type == "cuda" and h.compile != "0":
+        functions["newton_schulz"] = torch.compile(newton_schulz, dynamic=False)
+    fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    if fused_ce:
+        problem = fused_ce_self_check(device, h.vocab_size, h.logit_softcap)
+        if problem is None:
+            functions["head_loss"] = fused_head_loss
+        else:
+            fused_ce = False
+            log(f"warning: fused cross entropy disabled, the plain path is used instead ({problem}); FUSED_CE=0 silences this")
+    return Runtime(attention=attention, native_gqa=h.sdpa_gqa == "native", compiled=use_compile, fused_ce=fused_ce, **functions)
+
+
+def model_loss(model: GPT, ids: Tensor, targets: Tensor) -> Tensor:
+    """Mean training loss through the model's runtime (compiled or fused head on GPU)."""
+    return model.runtime.head_loss(model.forward_hidden(ids), model.head_weight(), targets, model.logit_softcap)
+
+
+class TrainingModule(nn.Module):
+    """What DDP wraps: forward returns the (compiled-head) training loss."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        return model_loss(self.model, ids, targets)
 
 
 # ================================================================================================
@@ -1673,7 +1725,8 @@ def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -
         hooks.append(module.register_forward_hook(lambda m, inp, out, key=key: add(key, inp[0])))
     head_source = model.head_proj if model.head_proj is not None else model.final_norm
     hooks.append(head_source.register_forward_hook(lambda m, inp, out: add("head", out)))
-    block_fn, model.block_fn = model.block_fn, run_block  # eager, so the hooks see every call
+    runtime = model.runtime
+    model.use_runtime(dataclasses.replace(runtime, block=run_block))  # eager, so the hooks see every call
     try:
         share = [h.gptq_calibration_batches // h.world_size + (r < h.gptq_calibration_batches % h.world_size)
                  for r in range(h.world_size)]
@@ -1683,7 +1736,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -
                 model.forward_hidden(x)
                 counts["rows"] += x.numel()
     finally:
-        model.block_fn = block_fn
+        model.use_runtime(runtime)
         for hk in hooks:
             hk.remove()
     rows = torch.tensor(float(counts["rows"]), device=device)
@@ -1715,12 +1768,13 @@ def sdclip_scales(W: Tensor, bits: int, clip_sigmas: float) -> tuple[np.ndarray,
 
 
 def round_to_grid(W: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Integer codes of W (..., rows, cols) on a symmetric grid of `bits` bits with one scale per row."""
     qmax = 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(W / scale[..., None]), -qmax, qmax)
 
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128,
-                  damp_frac: float = 0.01, notes: list | None = None) -> tuple[Tensor, Tensor]:
+                  damp_frac: float = 0.01, notes: list | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """GPTQ on a batch of matrices W (n, rows, cols) with Hessians H (n, cols, cols).
 
     Columns are visited in order of descending Hessian diagonal; each column is rounded to the SDClip
@@ -1731,7 +1785,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
     W = W.float().clone()
     H = H.float().clone()
     n, rows, cols = W.shape
-    qmax = 2 ** (bits - 1) - 1
     top, scale_codes = sdclip_scales(W, bits, clip_sigmas)
     scale = torch.from_numpy(scales_from_codes(top, scale_codes)).to(W.device)
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
@@ -1769,7 +1822,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
         err_block = torch.zeros_like(Wb)
         for j in range(i2 - i1):
             w = Wb[:, :, j:j + 1]
-            q = torch.clamp(torch.round(w / sc), -qmax, qmax)
+            q = round_to_grid(w, scale, bits)  # w (n, rows, 1), one scale per row
             Q[:, :, i1 + j] = q.squeeze(-1).to(torch.int8)
             err = (w - q * sc) / Ub[:, j, j].view(n, 1, 1)
             Wb[:, :, j + 1:] -= err * Ub[:, j:j + 1, j + 1:]
@@ -1965,6 +2018,11 @@ def artifact_config(blob: bytes, source: str) -> dict:
     return parse_artifact(blob, source)[0]["config"]
 
 
+# ================================================================================================
+# Source packing: the compressed submission copy of this file (--pack)
+# ================================================================================================
+
+
 def _docstring_owners(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
@@ -2072,8 +2130,8 @@ def count_target_bytes(tokens: np.ndarray, luts) -> np.ndarray:
     return out
 
 
-def load_tokenizer(h):
-    path = Path(h.tokenizer_path)
+def load_tokenizer(tokenizer_path: str, vocab_size: int):
+    path = Path(tokenizer_path)
     if not path.is_file():
         raise DataError(f"tokenizer {path} not found. Download it with `python data/prepare.py download`, or set "
                         "TOKENIZER_PATH (or DATA_DIR) to the SentencePiece model the shards were made with.")
@@ -2082,15 +2140,15 @@ def load_tokenizer(h):
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # noqa: BLE001
         raise DataError(f"tokenizer {path} could not be loaded by sentencepiece: {e}") from None
-    if sp.get_piece_size() != h.vocab_size:
-        raise DataError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={h.vocab_size}. "
+    if sp.get_piece_size() != vocab_size:
+        raise DataError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}. "
                         "Set VOCAB_SIZE to the tokenizer's size, or point TOKENIZER_PATH at the matching model.")
     return sp
 
 
 class ValidationData:
     def __init__(self, h, device: torch.device):
-        self.sp = load_tokenizer(h)
+        self.sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
         self.tokens_np = load_validation_tokens(h)
         self.tokens = torch.from_numpy(self.tokens_np.astype(np.int64))  # CPU; windows are copied per batch
         self.target_bytes = count_target_bytes(self.tokens_np, build_byte_luts(self.sp, h.vocab_size))
@@ -2137,7 +2195,7 @@ def score_windows(model: GPT, inputs: Tensor, targets: Tensor, score_from: int) 
     """Per-token NLL (float32) of positions score_from.. of a batch of windows. Only the scored positions
     go through the output head, which for stride-64 windows skips 97% of the logits work."""
     hidden = model.forward_hidden(inputs)[:, score_from:]
-    return HEAD_NLL(hidden.contiguous(), model.head_weight(), targets[:, score_from:].contiguous(), model.logit_softcap)
+    return model.runtime.head_nll(hidden.contiguous(), model.head_weight(), targets[:, score_from:].contiguous(), model.logit_softcap)
 
 
 def padded_batches(n: int, batch: int):
@@ -2185,23 +2243,37 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.stack([start, a, ends], axis=1).astype(np.int64)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TTTConfig:
+    """Score-first TTT, read from the TTT_* settings in one place (from_settings). chunk_tokens also groups
+    the windows of plain sliding evaluation, which is why TTT with lr 0 reproduces it exactly."""
+    chunk_tokens: int  # targets per chunk (TTT_CHUNK_TOKENS)
+    seq_len: int  # length of the training sequences cut from a chunk (EVAL_SEQ_LEN)
     lr: float
     epochs: int
     momentum: float
     grad_clip: float
-    batch_seqs: int
+    batch_seqs: int  # sequences per micro-batch per GPU
+
+    @classmethod
+    def from_settings(cls, h, **overrides) -> "TTTConfig":
+        return dataclasses.replace(cls(h.ttt_chunk_tokens, h.eval_seq_len, h.ttt_lr, h.ttt_epochs, h.ttt_momentum,
+                                       h.ttt_grad_clip, h.ttt_batch_seqs), **overrides)
+
+    def lr_at(self, chunk: int, n_chunks: int) -> float:
+        """Cosine decay over the chunks: lr for the first, ~0 for the last trained one."""
+        return self.lr * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
 
 
-def ttt_train_chunk(model: GPT, val: ValidationData, lo: int, hi: int, seq_len: int, opt, cfg: TTTConfig, h, device):
+def ttt_train_chunk(model: GPT, val: ValidationData, lo: int, hi: int, opt, cfg: TTTConfig, device,
+                    rank: int = 0, world_size: int = 1):
     """One chunk's TTT: cfg.epochs SGD steps, each over all sequences made of targets lo..hi-1 (already
     scored). The sequences are split over ranks and gradients summed, so every rank gets the same weights.
     Returns (first, end, steps): the targets first..end-1 that the updates used (all ranks' sequences
     together) and the number of optimizer steps taken."""
-    seq = min(seq_len, hi - lo)
+    seq = min(cfg.seq_len, hi - lo)
     k = (hi - lo) // seq
-    mine = range(k)[rank_share(k, h.rank, h.world_size)]
+    mine = range(k)[rank_share(k, rank, world_size)]
     params = [p for p in model.parameters()]
     total_tokens = k * seq
     steps = 0
@@ -2216,7 +2288,7 @@ def ttt_train_chunk(model: GPT, val: ValidationData, lo: int, hi: int, seq_len: 
             loss = model_loss(model, win[:, :-1], win[:, 1:]) * (len(ids) * seq / total_tokens)
             loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if h.world_size > 1:
+        if world_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             pieces = torch.split(flat, [g.numel() for g in grads])
@@ -2297,6 +2369,28 @@ class ScoreLedger:
                     each_token_once=int(each_token_once(scored)))
 
 
+class EvalProgress:
+    """A progress line for a long evaluation pass, about every 10 % of its chunks or every 30 s: targets
+    scored, running val_bpb and an ETA. The figures are rank 0's share of the windows (the line says so):
+    an exact figure would need a collective per line, and the final stage line is exact anyway."""
+
+    def __init__(self, name: str, total: int, every_frac: float = 0.1, every_s: float = 30.0):
+        self.name, self.total, self.every_frac, self.every_s = name, total, every_frac, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.next_frac = every_frac
+
+    def update(self, done: int, tokens: int, loss_sum: float, nbytes: int):
+        now = time.perf_counter()
+        if done >= self.total or (done / self.total < self.next_frac and now - self.last < self.every_s):
+            return  # the last chunk is followed by the stage's own line
+        while self.next_frac <= done / self.total:
+            self.next_frac += self.every_frac
+        self.last, elapsed = now, now - self.t0
+        bpb = loss_sum / math.log(2) / max(nbytes, 1)
+        log(f"eval_progress: {self.name} chunk:{done}/{self.total} rank0_tokens:{tokens} rank0_running_bpb:{bpb:.4f} "
+            f"elapsed:{elapsed:.0f}s eta:{elapsed / done * (self.total - done):.0f}s")
+
+
 def evaluate_sliding(model: GPT, val: ValidationData, h, device, ttt: TTTConfig | None = None,
                      observer=None) -> tuple[EvalResult, dict]:
     """Sliding-window val_bpb, optionally with score-first test-time training.
@@ -2311,7 +2405,7 @@ def evaluate_sliding(model: GPT, val: ValidationData, h, device, ttt: TTTConfig 
     plan = plan_windows(val.n, h.eval_seq_len, h.eval_stride)
     assert plan[0, 1] == 1 and plan[-1, 2] == val.n and (plan[1:, 1] == plan[:-1, 2]).all()
     Lw = int(plan[0, 2] - plan[0, 1]) if plan.shape[0] else 0
-    C = h.ttt_chunk_tokens
+    C = (ttt or TTTConfig.from_settings(h)).chunk_tokens
     chunk_of = (plan[:, 1] - 1) // C
     n_chunks = int(chunk_of[-1]) + 1
     model.eval()
@@ -2322,6 +2416,7 @@ def evaluate_sliding(model: GPT, val: ValidationData, h, device, ttt: TTTConfig 
         opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
     loss_sum, tokens, nbytes = 0.0, 0, 0
     ledger = ScoreLedger(val.n, n_chunks)
+    progress = EvalProgress("ttt" if ttt is not None else "sliding", n_chunks)
     bounds = np.searchsorted(chunk_of, np.arange(n_chunks + 1))
     for c in range(n_chunks):
         rows = plan[bounds[c]:bounds[c + 1]]
@@ -2347,10 +2442,11 @@ def evaluate_sliding(model: GPT, val: ValidationData, h, device, ttt: TTTConfig 
         if ttt is not None and c < n_chunks - 1:
             lo, hi = c * C + 1, min((c + 1) * C + 1, val.n)
             for g in opt.param_groups:
-                g["lr"] = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+                g["lr"] = ttt.lr_at(c, n_chunks)
             if observer is not None:
                 observer("train", lo, hi)
-            ledger.train(c, *ttt_train_chunk(model, val, lo, hi, h.eval_seq_len, opt, ttt, h, device))
+            ledger.train(c, *ttt_train_chunk(model, val, lo, hi, opt, ttt, device, h.rank, h.world_size))
+        progress.update(c + 1, tokens, loss_sum, nbytes)
     result = reduce_result(loss_sum, tokens, nbytes, device)
     if ttt is not None:
         for p in model.parameters():
@@ -2358,13 +2454,13 @@ def evaluate_sliding(model: GPT, val: ValidationData, h, device, ttt: TTTConfig 
     return result, ledger.summary(device)
 
 
-def ttt_compile_warmup(model: GPT, h, device):
+def ttt_compile_warmup(model: GPT, cfg: TTTConfig, device, world_size: int = 1):
     """Compile the TTT training graphs on random tokens (never on validation data) and leave the
     weights untouched: forward and backward only, no optimizer step."""
-    seq = min(h.eval_seq_len, h.ttt_chunk_tokens)
+    seq = min(cfg.seq_len, cfg.chunk_tokens)
     g = torch.Generator().manual_seed(0)
-    rows = max(1, min(h.ttt_batch_seqs, math.ceil(h.ttt_chunk_tokens // seq / h.world_size)))
-    fake = torch.randint(0, h.vocab_size, (rows, seq + 1), generator=g).to(device)
+    rows = max(1, min(cfg.batch_seqs, math.ceil(cfg.chunk_tokens // seq / world_size)))
+    fake = torch.randint(0, model.tok_emb.num_embeddings, (rows, seq + 1), generator=g).to(device)
     model.train()
     model_loss(model, fake[:, :-1], fake[:, 1:]).backward()
     for p in model.parameters():
@@ -2436,10 +2532,11 @@ def claim_free_run_id(h) -> str:
     raise ConfigError(f"RUN_ID {base} and its suffixes _2.._999 are all used; set RUN_ID.")
 
 
-def log_header(h, device: torch.device) -> int:
+def log_header(h, device: torch.device, runtime: Runtime) -> int:
     """Log what code ran, where, and with which settings; returns the submitted code size in bytes."""
     sha, nbytes = script_identity()
     packed_bytes, readable_bytes, packed_sha = code_sizes()
+    log_typo_warnings(h.typo_warnings)  # first, where they are seen; repeated at the end of the run
     log(f"script: {SCRIPT_PATH.name} sha256:{sha} bytes:{nbytes} packed_sha256:{packed_sha} packed_bytes:{packed_bytes}")
     if h.is_main:  # git runs once, on the rank that writes the log
         log(code_identity())
@@ -2448,6 +2545,7 @@ def log_header(h, device: torch.device) -> int:
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
     log(f"env: python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu} "
         f"gpus:{torch.cuda.device_count()} world_size:{h.world_size} host:{platform.node()} launcher:{launcher} backend:{backend}")
+    log(runtime.describe())
     log(f"run: id:{h.run_id} log:{h.logfile} artifact:{h.artifact_path} model:{'none' if h.eval_only else h.model_path}")
     log(f"preset: {h.preset} ({h.preset_reason}{'; data: bundled sample ' + h.data_dir if h.sample_data else ''})")
     log("settings:")
@@ -2457,9 +2555,13 @@ def log_header(h, device: torch.device) -> int:
     log("env_set: " + " ".join(f"{n}={v}" for n, v in sorted(h.explicit_values.items())))
     log(f"derived: grad_accum_steps:{h.grad_accum_steps} micro_batch_seqs:{h.micro_batch_seqs} "
         f"tokens_per_micro_batch:{h.micro_batch_seqs * h.train_seq_len}")
-    for w in h.typo_warnings:
-        log(f"warning: {w}")
     return packed_bytes
+
+
+def log_typo_warnings(warnings: list[str]):
+    """Environment variables that look like misspelt settings (and so change nothing)."""
+    for w in warnings:
+        log(f"warning: {w}")
 
 
 def save_float_weights(model: GPT, path: str):
@@ -2566,6 +2668,7 @@ def load_eval_model(path: Path, h, device) -> tuple[GPT, object]:
     hh = h.replace(**config, **eval_values)
     model = GPT(hh).to(device)
     model.load_state_dict(load_artifact_state(blob, model, str(path)), strict=True)
+    model.use_runtime(build_runtime(hh, device))
     model.looping = hh.num_loops > 0
     return model, hh
 
@@ -2576,7 +2679,6 @@ def evaluate_artifact(path: Path, h, device, val: ValidationData) -> dict:
     facts = dict(score_first="na", each_token_once="na")
     passes = []  # legality of each sliding pass (plain sliding, TTT)
     model, hh = load_eval_model(path, h, device)
-    configure_runtime(hh, device, [model])
     (loss, bpb, n_tok, n_bytes), ms = timed(device, lambda: evaluate_plain(model, val, hh, device))
     log_stage("quantized", loss, bpb, ms, n_tok, n_bytes)
     if hh.sliding_window_enabled:
@@ -2584,10 +2686,10 @@ def evaluate_artifact(path: Path, h, device, val: ValidationData) -> dict:
         passes.append(legal)
         log_stage("quantized_sliding_window", r.loss, r.bpb, ms, r.tokens, r.bytes)
     if hh.ttt_enabled:
-        cfg = TTTConfig(hh.ttt_lr, hh.ttt_epochs, hh.ttt_momentum, hh.ttt_grad_clip, hh.ttt_batch_seqs)
+        cfg = TTTConfig.from_settings(hh)
         t0 = time.perf_counter()
         if hh.compile == "1" or (hh.compile == "auto" and device.type == "cuda"):
-            ttt_compile_warmup(model, hh, device)
+            ttt_compile_warmup(model, cfg, device, hh.world_size)
             log(f"ttt:compile_warmup on random tokens {1000 * (time.perf_counter() - t0):.0f}ms")
         (r, legal), _ = timed(device, lambda: evaluate_sliding(model, val, hh, device, ttt=cfg))
         passes.append(legal)
@@ -2606,7 +2708,8 @@ def evaluate_artifact(path: Path, h, device, val: ValidationData) -> dict:
 
 
 def run(h, device: torch.device):
-    code_bytes = log_header(h, device)
+    runtime = build_runtime(h, device)  # first, so that the log names the attention backend near its top
+    code_bytes = log_header(h, device, runtime)
     _, readable_bytes = script_identity()
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -2626,10 +2729,11 @@ def run(h, device: torch.device):
         path = Path(h.artifact_path)
         facts = evaluate_artifact(path, h, device, val)
         log_compliance(facts, None, val.updates, code_bytes, path)
+        log_typo_warnings(h.typo_warnings)  # again at the end: the first ones are far up by now
         log("run_complete")
         return
     model = GPT(h).to(device)
-    log(configure_runtime(h, device, [model]))
+    model.use_runtime(runtime)
     trainer = Trainer(h, model, device)
     windows = trainer.loader.windows
     log(f"data: train_shards:{len(windows.files)} train_tokens:{int(windows.counts.sum())} val_tokens:{val.n} "
@@ -2640,7 +2744,7 @@ def run(h, device: torch.device):
     log("ema:applying EMA weights")
     # GPTQ calibration reads training data, so it runs inside the training budget, right after training.
     (hessians, calib_ms) = timed(device, lambda: collect_hessians(model, result.loader, h, device))
-    train_facts = dict(calibration_data=calibration_source(result.loader.windows.files, h))
+    train_facts = dict(calibration_data=calibration_source(result.loader.windows.files, h.train_files, h.val_files))
     result.loader.close()
     del trainer, ema, result.loader
     log(f"gptq:calibration batches:{h.gptq_calibration_batches} time:{calib_ms:.0f}ms")
@@ -2671,15 +2775,16 @@ def run(h, device: torch.device):
     log_compliance(facts, train_facts, val_updates_before_quant, code_bytes, Path(paths[0]))
     if h.is_main:
         publish_run_files(h, Path(paths[0]))
+    log_typo_warnings(h.typo_warnings)  # again at the end: the first ones are far up by now
     log("run_complete")
 
 
-def calibration_source(files: list[Path], h) -> str:
+def calibration_source(files: list[Path], train_glob: str, val_glob: str) -> str:
     """What GPTQ calibration read, from the files of the loader it drew its batches from: "train" when all
     are training shards and none is a validation shard."""
     read = {Path(f).resolve() for f in files}
-    train = {Path(f).resolve() for f in glob.glob(h.train_files)}
-    val = {Path(f).resolve() for f in glob.glob(h.val_files)}
+    train = {Path(f).resolve() for f in glob.glob(train_glob)}
+    val = {Path(f).resolve() for f in glob.glob(val_glob)}
     if read & val:
         return "val"
     return "train" if read and read <= train else "other"
@@ -2728,16 +2833,30 @@ def pack_command(out_path: str) -> int:
     return 0
 
 
+def help_text() -> str:
+    """--help: how to run, then every setting with its default, its small-preset value and its meaning."""
+    usage = __doc__.split("\nSections,")[0].rstrip() if __doc__ else "train_gpt.py"
+    width = max(len(st.name) for st in SETTINGS)
+    rows = [f"  {st.name:<{width}}  {st.default!r:<14} {repr(SMALL_PRESET[st.name]) if st.name in SMALL_PRESET else '':<8} {st.help}"
+            for st in SETTINGS]
+    return (f"{usage}\n\nSettings are environment variables (NAME=value python train_gpt.py); any other argument than "
+            f"--help or --pack OUT.py is refused.\n\n  {'NAME':<{width}}  {'default':<14} {'small':<8} meaning\n"
+            + "\n".join(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    global log, SKIP_FINALIZATION
+    global SKIP_FINALIZATION
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--help"], ["-h"]):
+        print(help_text(), end="")
+        return 0
     if argv[:1] == ["--pack"]:
         if len(argv) != 2:
             print("usage: python train_gpt.py --pack OUT.py", file=sys.stderr)
             return 2
         return pack_command(argv[1])
     if argv:
-        print(f"error: unknown arguments {argv}; settings are environment variables (see the README)", file=sys.stderr)
+        print(f"error: unknown arguments {argv}; settings are environment variables (`python train_gpt.py --help` lists them)", file=sys.stderr)
         return 2
     try:
         h = Hyperparameters()
@@ -2751,11 +2870,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)
-    log = Logger(None, h.is_main)
+    log.open(None, h.is_main)
     try:
         device = setup_device(h)
         claim_run_id(h)  # needs the process group: rank 0 decides
-        log = Logger(h.logfile, h.is_main)
+        log.open(h.logfile, h.is_main)
         run(h, device)
         return 0
     except UserError as e:

@@ -34,7 +34,7 @@ def backends() -> tuple[dict, dict]:
 
 def attention(name, fn, q, k, v):
     if name == "sdpa":
-        return tg.causal_attention(q, k, v)
+        return tg.causal_attention(q, k, v, "sdpa")
     out = fn(q, k, v, causal=True)
     return out[0] if isinstance(out, tuple) else out
 
@@ -55,7 +55,6 @@ def main() -> int:
     flops = 3.5 * 4 * B * H * T * T * D / 2  # causal: half the score matrix; backward = 2.5 x forward
     out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "shape": [B, T, H, Hkv, D]}
     reference = None
-    tg.ATTENTION_BACKEND = "sdpa"  # what tg.causal_attention dispatches to
     found, missing = backends()
     out["not_imported"] = missing
     for name, fn in found.items():

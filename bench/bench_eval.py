@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -56,16 +55,16 @@ def plain_sliding(model, val, h, device) -> float:
 
 def plain_ttt(model, val, h, device, cfg) -> float:
     plan = tg.plan_windows(val.n, h.eval_seq_len, h.eval_stride)
-    chunk_of = (plan[:, 1] - 1) // h.ttt_chunk_tokens
+    chunk_of = (plan[:, 1] - 1) // cfg.chunk_tokens
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     loss, n_chunks = 0.0, int(chunk_of[-1]) + 1
     for c in range(n_chunks):
         loss += plain_score(model, val, h, device, plan[chunk_of == c])
         if c < n_chunks - 1:
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-            lo, hi = c * h.ttt_chunk_tokens + 1, (c + 1) * h.ttt_chunk_tokens + 1
-            tg.ttt_train_chunk(model, val, lo, hi, h.eval_seq_len, opt, cfg, h, device)
+                g["lr"] = cfg.lr_at(c, n_chunks)
+            lo, hi = c * cfg.chunk_tokens + 1, (c + 1) * cfg.chunk_tokens + 1
+            tg.ttt_train_chunk(model, val, lo, hi, opt, cfg, device, h.rank, h.world_size)
     return loss
 
 
@@ -81,13 +80,13 @@ def main() -> int:
     args = ap.parse_args()
     h = tg.Hyperparameters()
     device = tg.setup_device(h)
-    tg.log = tg.Logger(None, enabled=h.is_main)
+    tg.log.open(None, enabled=h.is_main)
     val = truncate(tg.ValidationData(h, device), args.tokens)
     torch.manual_seed(0)
     model = tg.GPT(h).to(device)
     model.looping = h.num_loops > 0
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = tg.TTTConfig(h.ttt_lr, h.ttt_epochs, h.ttt_momentum, h.ttt_grad_clip, h.ttt_batch_seqs)
+    cfg = tg.TTTConfig.from_settings(h)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tokens": val.n - 1}
     spreads: list[float] = []
 
@@ -107,17 +106,17 @@ def main() -> int:
 
     eval_loss = lambda r: r[0].loss  # noqa: E731 - evaluate_sliding returns (EvalResult, legality)
     # plain (eager) paths
-    tg.configure_runtime(h.replace(compile="0"), device, [model])
+    model.use_runtime(tg.build_runtime(h.replace(compile="0"), device))
     plain_loss, t, out["plain_sliding_s"] = passes(lambda: plain_sliding(model, val, h, device))
     out["plain_sliding_tok_s"] = round((val.n - 1) / t)
     plain_ttt_loss, t, out["plain_ttt_s"] = passes(lambda: plain_ttt(model, val, h, device, cfg))
     out["plain_ttt_tok_s"] = round((val.n - 1) / t)
     # ours (compiled, head on scored positions only); a short first pass compiles, then the timed passes
     model.load_state_dict(state)
-    tg.configure_runtime(h, device, [model])
+    model.use_runtime(tg.build_runtime(h, device))
     t_compile = time.perf_counter()
     tg.evaluate_sliding(model, truncate(tg.ValidationData(h, device), 8 * h.eval_seq_len), h, device)
-    tg.ttt_compile_warmup(model, h, device)
+    tg.ttt_compile_warmup(model, cfg, device, h.world_size)
     out["compile_s"] = round(time.perf_counter() - t_compile, 1)
     (r, _), t, out["sliding_s"] = passes(lambda: tg.evaluate_sliding(model, val, h, device), eval_loss)
     out["sliding_tok_s"] = round((val.n - 1) / t)

@@ -5,7 +5,7 @@
 #   python tools/compare_curves.py curve_plain.txt curve_fast.txt --noise curve_plain_seed2.txt
 # Steps, not the wallclock, drive the schedule here (MAX_WALLCLOCK_SECONDS=0), so looping switches on at
 # the same step on both paths. Micro-batches of 24 sequences keep the eager path's memory low.
-# FAST_EXTRA="KEY=VALUE ..." adds settings to the optimized run only (e.g. FAST_EXTRA="FUSED_QKV=1").
+# FAST_EXTRA="KEY=VALUE ..." adds settings to the optimized run only (e.g. FAST_EXTRA="ATTENTION_BACKEND=sdpa_cudnn").
 source bench/device_setup.sh
 common=(DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=196608 MICRO_BATCH_TOKENS=49152 ITERATIONS=200 MAX_WALLCLOCK_SECONDS=0
         TRAIN_LOG_EVERY=10 VAL_LOSS_EVERY=0 SLIDING_WINDOW_ENABLED=0 TTT_ENABLED=0 GPTQ_CALIBRATION_BATCHES=4 LOGS_DIR=$OUT)

@@ -12,6 +12,7 @@ your own text.
 
   # your own text, with a tokenizer trained here with the challenge's SentencePiece settings:
   python data/prepare.py text --input my_docs/ --val-docs 1000 --train-tokenizer --out ./data_mine
+  python data/prepare.py text --input my_docs/ --val-frac 0.03 --train-tokenizer --out ./data_mine  # the first 3 %
 
 Inputs of `text`: `.jsonl`, `.jsonl.gz`, `.jsonl.xz` (one JSON object per line with a "text" field; an
 optional "source" field can be selected with --source) and `.txt` (each file is one document). A folder
@@ -487,9 +488,30 @@ def _publish(staging: Path, folder: Path, tokenizer_path: Path, tok: Tokenizer, 
     atomic_write_bytes(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
+def validation_count(args: argparse.Namespace, train_files: list[Path], sources: set[str] | None) -> int:
+    """How many leading documents of --input are validation (--val-docs N or --val-frac F), checked to leave
+    training at least one document: SentencePiece and the train split both need one."""
+    if args.val_frac is not None:
+        if not 0 < args.val_frac < 1:
+            raise DataError(f"--val-frac {args.val_frac:g} must be between 0 and 1 (e.g. 0.03 for the first 3 %)")
+        total = sum(1 for _ in read_documents(train_files, sources))
+        count = max(1, round(args.val_frac * total))
+    else:
+        count = args.val_docs
+        total = sum(1 for _ in itertools.islice(read_documents(train_files, sources), count + 1))
+    if count >= total:
+        given = f"--val-frac {args.val_frac:g}" if args.val_frac is not None else f"--val-docs {count}"
+        raise DataError(f"{given} would make every document of --input validation ({total} "
+                        f"document{'s' if total != 1 else ''}{'' if args.val_frac is not None else ' or fewer'}), "
+                        "leaving none for training; give fewer, e.g. --val-frac 0.03 (the first 3 %), "
+                        "or separate validation files with --val-input")
+    return count
+
+
 def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
-    if (args.val_input is None) == (args.val_docs is None):
-        raise DataError("give the validation documents either as --val-input FILE or as --val-docs N (the first N documents)")
+    if sum(x is not None for x in (args.val_input, args.val_docs, args.val_frac)) != 1:
+        raise DataError("give the validation documents in one way: --val-input FILE, --val-docs N (the first N "
+                        "documents) or --val-frac F (the first fraction F of the documents)")
     for name in ("shard_tokens", "workers", "vocab_size", "tokenizer_train_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1")
@@ -501,17 +523,18 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
     sources = set(args.source) if args.source else None
     if sources and any(f.name.endswith(".txt") for f in train_files + (val_files or [])):
         raise DataError("--source selects jsonl records by their \"source\" field; .txt inputs have none")
+    val_count = None if val_files is not None else validation_count(args, train_files, sources)
 
     # Fresh readers each time, so that a token cap on val cannot shift where train starts.
     def val_docs() -> Iterator[Doc]:
         if val_files is not None:
             return read_documents(val_files, sources)
-        return itertools.islice(read_documents(train_files, sources), args.val_docs)
+        return itertools.islice(read_documents(train_files, sources), val_count)
 
     def train_docs() -> Iterator[Doc]:
         if val_files is not None:
             return read_documents(train_files, sources)
-        return itertools.islice(read_documents(train_files, sources), args.val_docs, None)
+        return itertools.islice(read_documents(train_files, sources), val_count, None)
 
     if args.train_tokenizer:
         vocab = args.vocab_size or CHALLENGE_TOKENIZER["vocab_size"]
@@ -546,13 +569,13 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
             writer = ShardWriter(staging, split, args.shard_tokens)
             splits[split] = convert_split(split, docs, tok, writer, cap, args.workers, progress)
             if not splits[split]["documents"]:
-                raise DataError(f"the {split} split has no documents; check the inputs, --source, --val-docs and the token caps")
+                raise DataError(f"the {split} split has no documents; check the inputs, --source, --val-docs/--val-frac and the token caps")
         manifest = {
             "format": "challenge shards: 256 little-endian int32 header (20240520, 1, n_tokens) + n_tokens uint16 ids; "
                       "each document is [BOS=1] + ids, no EOS",
             "command": "python data/prepare.py " + shlex.join(argv),
-            "inputs": {"train": args.input, "val": args.val_input or f"the first {args.val_docs} documents of the train inputs"},
-            "options": {"val_docs": args.val_docs, "source": sorted(sources) if sources else None,
+            "inputs": {"train": args.input, "val": args.val_input or f"the first {val_count} documents of the train inputs"},
+            "options": {"val_docs": args.val_docs, "val_frac": args.val_frac, "source": sorted(sources) if sources else None,
                         "shard_tokens": args.shard_tokens, "max_train_tokens": args.max_train_tokens,
                         "max_val_tokens": args.max_val_tokens},
             "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "source": tok.source, "sha256": tok.sha256,
@@ -711,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl[.gz|.xz] or .txt files, or folders of them")
     t.add_argument("--val-input", nargs="+", metavar="PATH", help="validation documents (all of them, in file order)")
     t.add_argument("--val-docs", type=int, metavar="N", help="or: the first N documents of --input are validation")
+    t.add_argument("--val-frac", type=float, metavar="F", help="or: the first fraction F of the documents of --input (0.03 = 3 %%)")
     which = t.add_mutually_exclusive_group(required=True)
     which.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model")
     which.add_argument("--train-tokenizer", action="store_true", help="train one on the train documents with the challenge's settings")

@@ -31,6 +31,11 @@ def sample_texts(n_docs: int) -> list[str]:
     return [sp.decode(tokens[a + 1:b].tolist()) for a, b in zip(bos[:-1], bos[1:])][:n_docs]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs train_gpt.py (or data/prepare.py) as a whole process; "
+                                       "`-m \"not slow\"` skips these for a quick check")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """DATA_DIR with datasets/fineweb10B_sp512/{fineweb_train_00000{0,1,2}.bin, fineweb_val_000000.bin}
@@ -147,9 +152,3 @@ def run_two_ranks(args: list[str], extra_env: dict[str, str] | None = None, time
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     return outputs
 
-
-def keep_runtime_globals(monkeypatch):
-    """configure_runtime replaces these module globals (backend, compiled functions): put them back after
-    the test, so a compiled function does not leak into later tests."""
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL", "MERGE_SKIP", "SUM_TENSORS"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))

@@ -327,6 +327,7 @@ def readable_run(tiny_data, tmp_path_factory):
     return cwd, log
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_size_accounting_in_the_log(readable_run):
     cwd, log = readable_run
     s = sizes(log)
@@ -342,6 +343,7 @@ def test_size_accounting_in_the_log(readable_run):
     assert s["code"] < s["readable"]
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_packed_script_is_smaller_and_runs_the_same_program(readable_run, tiny_data, tmp_path):
     cwd, log = readable_run
     out = tmp_path / "submission" / "train_gpt.py"
@@ -373,6 +375,7 @@ def test_packed_script_is_smaller_and_runs_the_same_program(readable_run, tiny_d
     assert s["total"] == len(packed) + s["model"]
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_pack_usage_errors(tmp_path):
     proc, _ = run_script({}, tmp_path, args=["--pack"])
     assert proc.returncode == 2 and "usage" in proc.stderr

@@ -144,6 +144,7 @@ def copy_artifact(finished_run, dest: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_missing_data_dir(tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     missing = tmp_path / "no_such_data_dir"
@@ -154,6 +155,7 @@ def test_missing_data_dir(tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_no_val_shards(tiny_data, tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     empty = tmp_path / "val"
@@ -164,6 +166,7 @@ def test_no_val_shards(tiny_data, tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_shard_with_wrong_magic(tiny_data, tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     train = tmp_path / "train"
@@ -177,6 +180,7 @@ def test_shard_with_wrong_magic(tiny_data, tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_shard_with_wrong_version(tiny_data, tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     bad = put(tmp_path / "val" / "fineweb_val_000000.bin", shard(good_tokens(tiny_data, "val_000000"), version=7))
@@ -186,6 +190,7 @@ def test_shard_with_wrong_version(tiny_data, tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 @pytest.mark.parametrize("cut", ["body", "header"])
 def test_truncated_shard(tiny_data, tiny_env, tmp_path, cut):
     old = plant_old_artifact(tmp_path)
@@ -199,6 +204,7 @@ def test_truncated_shard(tiny_data, tiny_env, tmp_path, cut):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_tokenizer_vocab_differs_from_vocab_size(tiny_data, tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     model = tiny_data / "tokenizers" / f"fineweb_{TINY_VOCAB}_bpe.model"
@@ -210,6 +216,7 @@ def test_tokenizer_vocab_differs_from_vocab_size(tiny_data, tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_val_token_id_outside_vocab(tiny_data, tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     tokens = good_tokens(tiny_data, "val_000000").copy()
@@ -222,6 +229,7 @@ def test_val_token_id_outside_vocab(tiny_data, tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_train_token_id_outside_vocab(tiny_data, tiny_env, tmp_path):
     """The train check runs in the loader's thread: the error must still reach main() cleanly, and say
     which shard holds the bad id (the user may have hundreds)."""
@@ -243,6 +251,7 @@ def test_train_token_id_outside_vocab(tiny_data, tiny_env, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_world_size_cannot_split_batch(tiny_env, tmp_path):
     """RANK/WORLD_SIZE set by hand (no torchrun): the check runs before any process group is formed,
     so it fails at once instead of waiting for ranks that will never come."""
@@ -255,6 +264,7 @@ def test_world_size_cannot_split_batch(tiny_env, tmp_path):
     assert_clean_tree(tmp_path)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_negative_value(tiny_env, tmp_path):
     proc, log = run_script(tiny_env(MATRIX_LR=-1), tmp_path, timeout=60)
     err = stderr_error(proc)
@@ -263,6 +273,7 @@ def test_negative_value(tiny_env, tmp_path):
     assert_clean_tree(tmp_path)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_non_numeric_value(tiny_env, tmp_path):
     proc, log = run_script(tiny_env(ITERATIONS="abc"), tmp_path, timeout=60)
     err = stderr_error(proc)
@@ -271,13 +282,16 @@ def test_non_numeric_value(tiny_env, tmp_path):
     assert_clean_tree(tmp_path)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_typo_of_a_setting_warns_and_runs(finished_run):
     cwd, proc, log = finished_run
     assert proc.returncode == 0
     no_traceback(proc)
     assert "run_complete" in log
-    warnings = [line for line in log.splitlines() if line.startswith("warning:") and "MATRIX_LRR" in line]
-    assert len(warnings) == 1, log[:4000]
+    lines = log.splitlines()
+    warnings = [line for line in lines if line.startswith("warning:") and "MATRIX_LRR" in line]
+    assert len(warnings) == 2, log[:4000]  # first, and again at the end where it is seen
+    assert lines[0] == warnings[0] and lines[-2] == warnings[1] and lines[-1] == "run_complete"
     has_all(warnings[0], "MATRIX_LRR", "did you mean MATRIX_LR?")
     assert "  MATRIX_LR=0.04\n" in log, "the misspelt variable must not change MATRIX_LR (small preset: 0.04)"
     assert not partial_files(cwd)
@@ -288,6 +302,7 @@ def test_typo_of_a_setting_warns_and_runs(finished_run):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_nan_loss_stops_the_run(tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     proc, log = run_script(tiny_env(DEBUG_NAN_AT_STEP=3, ITERATIONS=8, TRAIN_LOG_EVERY=1), tmp_path, timeout=180)
@@ -301,6 +316,7 @@ def test_nan_loss_stops_the_run(tiny_env, tmp_path):
     assert_clean_tree(tmp_path, old)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_sigterm_during_training(tiny_env, tmp_path):
     old = plant_old_artifact(tmp_path)
     env = script_env(tiny_env(ITERATIONS=100000, TRAIN_LOG_EVERY=1))
@@ -443,6 +459,7 @@ print("written", flush=True)
 """
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_sigterm_while_writing_a_big_file(tmp_path):
     """A real SIGTERM, through the same kind of handler main() installs, while atomic_write_bytes writes a
     200 MB blob: the temporary file goes, the old file stays."""
@@ -486,6 +503,7 @@ def corrupt(blob: bytes, how: str) -> bytes:
     return np.random.default_rng(0).integers(0, 256, len(blob), dtype=np.uint8).tobytes()
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 @pytest.mark.parametrize("how", ["flipped", "truncated", "random"])
 def test_corrupt_artifact_in_eval_only(finished_run, tiny_env, tmp_path, how):
     path = copy_artifact(finished_run, tmp_path)
@@ -500,6 +518,7 @@ def test_corrupt_artifact_in_eval_only(finished_run, tiny_env, tmp_path, how):
     assert not (tmp_path / "final_model.pt").exists()
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_does_not_read_training_data(finished_run, tiny_env, tmp_path):
     path = copy_artifact(finished_run, tmp_path)
     blob = path.read_bytes()

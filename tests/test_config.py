@@ -224,3 +224,36 @@ def test_inconsistent_shapes_raise():
         record(ROPE_DIMS="80")
     with pytest.raises(tg.ConfigError, match="RANK"):
         record(RANK="8", WORLD_SIZE="8")
+
+
+def test_help_lists_every_setting_with_default_and_meaning(capsys):
+    assert tg.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for s in tg.SETTINGS:
+        line = next((l for l in out.splitlines() if l.split()[:1] == [s.name]), None)
+        assert line is not None, f"--help lacks {s.name}"
+        assert repr(s.default) in line and s.help[:30] in line
+    assert "ITERATIONS" in out and "40" in next(l for l in out.splitlines() if l.split()[:1] == ["ITERATIONS"])
+
+
+def test_small_preset_is_defined_by_steps_not_seconds():
+    h = tg.Hyperparameters(environ={"PRESET": "small"}, cuda_available=False)
+    assert h.max_wallclock_seconds == 0 and h.iterations == tg.SMALL_PRESET["ITERATIONS"]
+
+
+def test_too_long_train_seq_len_is_named_as_the_problem():
+    with pytest.raises(tg.ConfigError, match=r"TRAIN_SEQ_LEN=100000 is longer than one rank's share"):
+        tg.Hyperparameters(environ={"PRESET": "small", "TRAIN_SEQ_LEN": "100000"}, cuda_available=False)
+    with pytest.raises(tg.ConfigError, match=r"Pick a TRAIN_SEQ_LEN that divides the batch"):
+        tg.Hyperparameters(environ={"PRESET": "record", "TRAIN_SEQ_LEN": "100000"}, cuda_available=False)
+
+
+def test_error_lines_also_go_to_stderr(tmp_path, capsys):
+    logger = tg.Logger(str(tmp_path / "run.txt"), True)
+    logger("step line")
+    logger("error: something to fix\ndetail")
+    logger.close()
+    captured = capsys.readouterr()
+    assert captured.out == "step line\nerror: something to fix\ndetail\n"
+    assert captured.err == "error: something to fix\n"
+    assert (tmp_path / "run.txt").read_text() == captured.out

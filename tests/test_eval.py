@@ -235,7 +235,7 @@ def test_ttt_is_score_first(tiny_data, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(tg, "ttt_train_chunk", guarded_train)
-    cfg = tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=3)
+    cfg = tg.TTTConfig.from_settings(h, lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=3)
     r, legal = tg.evaluate_sliding(model, val, h, torch.device("cpu"), ttt=cfg,
                                    observer=lambda kind, a, b: events.append((kind, a, b, weights_digest(model))))
     n_chunks = (n - 2) // C + 1
@@ -272,20 +272,38 @@ def test_ttt_is_score_first(tiny_data, tmp_path, monkeypatch):
     assert len(set(firsts)) == len(firsts), "every TTT phase must update the weights"
 
 
+def test_sliding_and_ttt_report_progress_with_running_bpb_and_eta(tiny_data, tmp_path, monkeypatch):
+    h, val, model = eval_setup(tiny_data, tmp_path, 1500, TTT_CHUNK_TOKENS=128)
+    lines = []
+    monkeypatch.setattr(tg, "log", lambda msg="", console=True: lines.append(msg))
+    plain, _ = tg.evaluate_sliding(copy.deepcopy(model), val, h, torch.device("cpu"))
+    ttt, _ = tg.evaluate_sliding(model, val, h, torch.device("cpu"), ttt=tg.TTTConfig.from_settings(h, epochs=1))
+    n_chunks = (1500 - 2) // 128 + 1
+    for name, result in (("sliding", plain), ("ttt", ttt)):
+        mine = [l for l in lines if l.startswith(f"eval_progress: {name} ")]
+        # about every 10 % of the chunks, never after the last one (the stage line follows)
+        assert 5 <= len(mine) < n_chunks, mine
+        last = dict(kv.split(":", 1) for kv in mine[-1].split()[2:])
+        done, total = map(int, last["chunk"].split("/"))
+        assert total == n_chunks and done < total and float(last["eta"].rstrip("s")) >= 0
+        assert 0 < int(last["rank0_tokens"]) < result.tokens
+        assert abs(float(last["rank0_running_bpb"]) - result.bpb) < 0.5
+
+
 def test_ttt_with_zero_lr_is_exactly_sliding(tiny_data, tmp_path):
     h, val, model = eval_setup(tiny_data, tmp_path, 1200, TTT_CHUNK_TOKENS=300)
     before = copy.deepcopy(model.state_dict())
     plain, _ = tg.evaluate_sliding(copy.deepcopy(model), val, h, torch.device("cpu"))
     m0 = copy.deepcopy(model)
     zero, legal = tg.evaluate_sliding(m0, val, h, torch.device("cpu"),
-                                      ttt=tg.TTTConfig(lr=0.0, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
+                                      ttt=tg.TTTConfig.from_settings(h, lr=0.0, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
     assert legal["trained_chunks"] == legal["chunks"] - 1 >= 2
     assert (zero.loss_sum, zero.tokens, zero.bytes) == (plain.loss_sum, plain.tokens, plain.bytes)
     assert all(torch.equal(before[k], v) for k, v in m0.state_dict().items())
 
     m1 = copy.deepcopy(model)
     ttt, _ = tg.evaluate_sliding(m1, val, h, torch.device("cpu"),
-                                 ttt=tg.TTTConfig(lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
+                                 ttt=tg.TTTConfig.from_settings(h, lr=0.05, epochs=2, momentum=0.9, grad_clip=1.0, batch_seqs=4))
     assert (ttt.tokens, ttt.bytes) == (plain.tokens, plain.bytes)
     assert ttt.loss_sum != plain.loss_sum
     changed = [k for k, v in m1.state_dict().items() if not torch.equal(before[k], v)]
@@ -318,6 +336,7 @@ def trained(tiny_data, tmp_path_factory):
     return cwd, env, log
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_training_log_reports_every_stage(trained, tiny_data):
     _, env, log = trained
     s = stages(log)
@@ -334,6 +353,7 @@ def test_training_log_reports_every_stage(trained, tiny_data):
     assert re.search(r"^eval_total: time:\d+ms limit:600000ms$", log, re.M)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_reproduces_the_training_run(trained, tmp_path):
     cwd, env, log = trained
     artifact = cwd / "final_model.int6.ptz"
@@ -352,6 +372,7 @@ def test_eval_only_reproduces_the_training_run(trained, tmp_path):
     assert artifact.read_bytes() == before
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_without_artifact_fails_clearly(trained, tmp_path):
     _, env, _ = trained
     missing = tmp_path / "nowhere" / "model.ptz"
@@ -371,6 +392,7 @@ def two_process_eval(trained):
     return run_script(dict(env, EVAL_ONLY="1", RUN_ID="two_procs"), cwd, torchrun_procs=2)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_two_processes_score_like_one(trained, two_process_eval):
     _, _, log = trained
     proc, dlog = two_process_eval
@@ -382,6 +404,7 @@ def test_two_processes_score_like_one(trained, two_process_eval):
         assert abs(float(two[stage][0]) - float(one[stage][0])) <= 1e-6, (stage, one[stage], two[stage])
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_two_processes_ttt_like_one(trained, two_process_eval):
     _, _, log = trained
     proc, dlog = two_process_eval

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 pytest.importorskip("triton")
 
 import train_gpt as tg  # noqa: E402
-from conftest import keep_runtime_globals, tiny_h  # noqa: E402
+from conftest import tiny_h  # noqa: E402
 
 # Runs in the child: fused soft-capped cross entropy vs head_loss, loss and both gradients, for a vocabulary
 # that fills the kernel's chunks exactly and one that leaves masked columns, several chunks per row and one,
@@ -63,6 +63,7 @@ def run_interpreted(child: str):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_fused_softcapped_cross_entropy_matches_plain_head_loss():
     cases = run_interpreted(CHILD)
     assert len(cases) == 8
@@ -92,8 +93,9 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
-    """On GPU, configure_runtime only uses the fused loss after this check; a failure falls back to the
+    """On GPU, build_runtime only uses the fused loss after this check; a failure falls back to the
     plain path with a warning instead of stopping the run."""
     out = run_interpreted(SELF_CHECK_CHILD)
     assert out["good"] is None
@@ -101,12 +103,10 @@ def test_fused_ce_self_check_accepts_the_kernel_and_rejects_broken_ones():
     assert out["wrong_numbers"] == "its loss differs from the plain path's"
 
 
-def test_configure_runtime_falls_back_when_the_self_check_fails(monkeypatch, capsys):
+def test_build_runtime_falls_back_when_the_self_check_fails(capsys):
     """A 'cuda' device on this CPU machine: the self-check cannot even allocate, so the run must go on with
     the plain loss and one warning line, not stop."""
-    keep_runtime_globals(monkeypatch)
-    monkeypatch.setattr(tg, "log", tg.Logger(None, enabled=True))
-    desc = tg.configure_runtime(tiny_h(COMPILE="0"), torch.device("cuda"), [])
-    assert "fused_ce:0" in desc and tg.HEAD_LOSS is tg.head_loss
+    runtime = tg.build_runtime(tiny_h(COMPILE="0"), torch.device("cuda"))
+    assert "fused_ce:0" in runtime.describe() and runtime.head_loss is tg.head_loss
     warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "fused cross entropy disabled" in warning[0], warning

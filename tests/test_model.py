@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
-from conftest import keep_runtime_globals, tiny_h  # noqa: E402
+from conftest import tiny_h  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -344,18 +344,16 @@ def test_loss_is_softcapped_cross_entropy():
         torch.testing.assert_close(nll.mean(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_gqa_native_and_repeat_agree(monkeypatch):
+def test_gqa_native_and_repeat_agree():
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(2, 9, 8, 16, generator=g), torch.randn(2, 9, 2, 16, generator=g), torch.randn(2, 9, 2, 16, generator=g)
-    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
-    monkeypatch.setattr(tg, "SDPA_NATIVE_GQA", True)
-    native = tg.causal_attention(q, k, v)
+    native = tg.causal_attention(q, k, v, "sdpa", native_gqa=True)
     model = tiny_model()
     ids = torch.randint(0, 96, (2, 16), generator=g)
     with torch.no_grad():
         out_native = model.forward_hidden(ids)
-    monkeypatch.setattr(tg, "SDPA_NATIVE_GQA", False)
-    repeat = tg.causal_attention(q, k, v)
+    repeat = tg.causal_attention(q, k, v, "sdpa", native_gqa=False)
+    model.use_runtime(tg.build_runtime(tiny_h(SDPA_GQA="repeat"), CPU))
     with torch.no_grad():
         out_repeat = model.forward_hidden(ids)
     torch.testing.assert_close(native, repeat, rtol=1e-5, atol=1e-6)
@@ -365,15 +363,17 @@ def test_gqa_native_and_repeat_agree(monkeypatch):
     torch.testing.assert_close(native, full, rtol=1e-5, atol=1e-6)
 
 
-def test_configure_runtime_sets_gqa_mode(monkeypatch):
-    for name in ("ATTENTION_BACKEND", "SDPA_NATIVE_GQA", "HEAD_LOSS", "HEAD_NLL"):
-        monkeypatch.setattr(tg, name, getattr(tg, name))
+def test_runtime_sets_gqa_mode_and_reaches_every_attention_module():
     model = tiny_model()
-    desc = tg.configure_runtime(tiny_h(SDPA_GQA="repeat"), CPU, [model])
-    assert "attention:sdpa" in desc and "compile:0" in desc and tg.SDPA_NATIVE_GQA is False
-    assert model.block_fn is tg.run_block and tg.HEAD_LOSS is tg.head_loss
-    tg.configure_runtime(tiny_h(), CPU, [model])
-    assert tg.SDPA_NATIVE_GQA is True
+    assert model.runtime is tg.EAGER
+    runtime = tg.build_runtime(tiny_h(SDPA_GQA="repeat"), CPU)
+    desc = runtime.describe()
+    assert "attention:sdpa" in desc and "gqa:repeat" in desc and "compile:0" in desc and runtime.native_gqa is False
+    assert runtime.block is tg.run_block and runtime.head_loss is tg.head_loss
+    model.use_runtime(runtime)
+    assert all(block.attn.runtime is runtime for block in model.blocks)
+    assert tg.build_runtime(tiny_h(), CPU).native_gqa is True
+    assert tg.EAGER.native_gqa is True  # building a runtime changes no shared state
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's compile stack
@@ -381,7 +381,6 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
     """COMPILE=1 on CPU (inductor): one graph per block kind (sequential, parallel), reused by every block of
     that kind and by the looped order; results equal eager."""
     from torch._dynamo.utils import counters
-    keep_runtime_globals(monkeypatch)
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     h = tiny_h(NUM_LAYERS=2, MODEL_DIM=32, EMBEDDING_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=2,
                LOOP_START=0, LOOP_END=1, NUM_LOOPS=1, PARALLEL_RESIDUAL_START=1, ROPE_DIMS=8, COMPILE=1)
@@ -397,8 +396,10 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
             model.looping = True
             eager_loop = model.forward_hidden(ids)
             model.looping = False
-            assert "compile:1" in tg.configure_runtime(h, CPU, [model])
-            assert model.block_fn is not tg.run_block
+            runtime = tg.build_runtime(h, CPU)
+            assert "compile:1" in runtime.describe()
+            model.use_runtime(runtime)
+            assert model.runtime.block is not tg.run_block
             compiled = model.forward_hidden(ids)
             graphs_plain = counters["stats"]["unique_graphs"]
             model.looping = True
@@ -428,7 +429,7 @@ def test_fan_out_of_x0_gives_the_gradients_of_plain_reuse(monkeypatch):
 
     fanned = loss_and_grads()
     calls = []
-    monkeypatch.setattr(tg.FanOut, "apply", lambda x, n: calls.append(n) or [x] * n)
+    monkeypatch.setattr(tg.FanOut, "apply", lambda x, n, sum_fn: calls.append(n) or [x] * n)
     plain = loss_and_grads()
     assert calls == [len(sum(model.layer_order(), []))]  # one fan-out per forward, one use per virtual layer
     assert fanned[0] == plain[0]

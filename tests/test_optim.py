@@ -189,6 +189,7 @@ CASE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_muon_split_over_two_gloo_ranks_equals_one_process(tmp_path, monkeypatch):
     (tmp_path / "muon_case.py").write_text(CASE)
     (tmp_path / "worker.py").write_text(WORKER)

@@ -117,6 +117,25 @@ def test_shards_hold_bos_plus_ids_per_document(tmp_path, sp):
                                     + [p.relative_to(out).as_posix() for p in shards_of(out, "val") + shards_of(out, "train")])
 
 
+def test_val_frac_takes_the_leading_fraction_of_the_documents(tmp_path, sp):
+    texts = make_docs(40, seed=4)
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    out = tmp_path / "out"
+    assert run(["text", "--input", src, "--val-frac", 0.1, "--tokenizer", SAMPLE_TOKENIZER, "--out", out]) == 0
+    assert np.array_equal(split_tokens(out, "val"), expected_tokens(sp, texts[:4]))
+    assert np.array_equal(split_tokens(out, "train"), expected_tokens(sp, texts[4:]))
+
+
+@pytest.mark.parametrize("how", [["--val-docs", 1000], ["--val-docs", 30], ["--val-frac", 0.99]])
+def test_validation_taking_every_document_is_refused_before_tokenizer_training(tmp_path, capsys, how):
+    # The README's example (--val-docs 1000) on a small corpus used to crash inside SentencePiece.
+    src = write_jsonl(tmp_path / "docs.jsonl", make_docs(30, seed=5))
+    assert run(["text", "--input", src, *how, "--train-tokenizer", "--vocab-size", 400, "--out", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "leaving none for training" in err and "--val-frac 0.03" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_val_input_is_a_separate_disjoint_split_in_file_order(tmp_path, sp):
     train_texts, val_texts = make_docs(12, seed=2), make_docs(6, seed=3)
     train_src = write_jsonl(tmp_path / "train.jsonl", train_texts)
@@ -287,6 +306,7 @@ def test_token_id_outside_the_vocabulary_is_refused(tmp_path, capsys, monkeypatc
     assert all_files(tmp_path / "out") == []
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_cli_prints_error_without_traceback(tmp_path):
     (tmp_path / "in.jsonl").write_text("[1, 2]\n")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, keep_runtime_globals, tiny_settings
+from conftest import TINY_VOCAB, tiny_settings
 
 import train_gpt as tg
 
@@ -100,7 +100,7 @@ def test_ttt_that_trains_ahead_of_scoring_stops_the_run(tiny_data, tmp_path, mon
     """A TTT that also trains on the next chunk (not yet scored) must be stopped when that chunk is scored."""
     C = 256
     h, val, model = eval_setup(tiny_data, tmp_path, 1200, TTT_CHUNK_TOKENS=C)
-    cfg = tg.TTTConfig(lr=0.01, epochs=1, momentum=0.9, grad_clip=1.0, batch_seqs=4)
+    cfg = tg.TTTConfig.from_settings(h, lr=0.01, epochs=1, momentum=0.9, grad_clip=1.0, batch_seqs=4)
     _, legal = tg.evaluate_sliding(copy.deepcopy(model), val, h, CPU, ttt=cfg)
     assert legal["score_first"] == 1 and legal["updates_before_score"] == 0 and legal["each_token_once"] == 1
     real = tg.ttt_train_chunk
@@ -167,7 +167,6 @@ def observed_run(split_vocab_data, tmp_path_factory):
     seen = dict(phase="training", in_eval=0, calibration_ids=[], lines=[])
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        keep_runtime_globals(mp)
         mp.setattr(tg, "log", lambda msg="", console=True: seen["lines"].append(msg))
         forward_ids(mp, lambda ids: seen["calibration_ids"].append(ids)
                     if seen["phase"] == "after_training" and not seen["in_eval"] else None)
@@ -284,9 +283,8 @@ def ngrams(tokens: np.ndarray, k: int = 4) -> set[tuple]:
 def test_ttt_compile_warm_up_reads_no_validation_token_and_leaves_no_trace(observed_run, split_vocab_data, monkeypatch):
     cwd, _, _ = observed_run
     artifact = cwd / "runs" / "observed" / "final_model.int6.ptz"
-    keep_runtime_globals(monkeypatch)
     # COMPILE=1 on CPU: the warm-up runs, but nothing is compiled (that is not what is tested here)
-    monkeypatch.setattr(tg, "configure_runtime", lambda h, device, models=(): "attention:sdpa compile:0")
+    monkeypatch.setattr(tg, "build_runtime", lambda h, device: tg.EAGER)
     lines = []
     monkeypatch.setattr(tg, "log", lambda msg="", console=True: lines.append(msg))
     warm = dict(active=False, ids=[], before=None, after=None)

@@ -53,6 +53,7 @@ def test_claimed_run_ids_never_collide(tmp_path, monkeypatch):
     assert second.artifact_path == str(Path("runs") / second.run_id / "final_model.int6.ptz")
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_a_used_run_id_is_refused_before_anything_is_written(tiny_env, tmp_path):
     log = tmp_path / "logs" / "test.txt"
     log.parent.mkdir()
@@ -135,6 +136,7 @@ def test_eval_only_does_not_switch_preset_or_fall_back_to_the_sample(tiny_data, 
     assert tg.Hyperparameters({"EVAL_ONLY": "1"}, cuda_available=False).preset == "small"
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_eval_only_without_data_names_where_it_looked(tmp_path):
     proc, log = run_script({"EVAL_ONLY": "1", "RUN_ID": "nodata"}, tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -158,6 +160,7 @@ def test_sample_is_found_beside_the_script_or_under_the_current_folder(tmp_path,
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_packed_copy_runs_from_anywhere(tiny_data, tmp_path):
     packed = tmp_path / "submission" / "train_gpt.py"
     proc, _ = run_script({}, tmp_path, args=["--pack", str(packed)])

@@ -455,6 +455,15 @@ def test_plot_loss_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_loss_labels_tell_runs_of_one_seed_apart_and_skip_the_spike(tmp_path):
+    runs = [logparse.parse_text(make_log(42).replace("RUN_ID='train_seed42'", f"RUN_ID='{name}'"), name)
+            for name in ("cpu_a", "cpu_b")]
+    assert plot_loss.labels(runs) == ["seed 42 (cpu_a)", "seed 42 (cpu_b)"]
+    runs[0].train[:0] = [(1, 50.0, 1.0)]  # a huge first-step loss must not set the y range
+    lo, hi = plot_loss.loss_range(runs)
+    assert hi < 50.0 and lo <= min(st.val_loss for st in runs[0].stages.values())
+
+
 def test_plot_loss_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     logs = write_logs(tmp_path)

@@ -59,6 +59,7 @@ def baseline(tiny_data, tmp_path_factory):
     return cwd, log
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_end_to_end_run_logs_every_stage_and_learns(baseline):
     cwd, log = baseline
     losses = train_losses(log)
@@ -77,6 +78,7 @@ def test_end_to_end_run_logs_every_stage_and_learns(baseline):
     assert "stopping_early" not in log
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_two_gloo_ranks_give_the_single_process_weights(baseline, tiny_data, tmp_path):
     base_cwd, base_log = baseline
     cwd = tmp_path / "ddp"
@@ -108,6 +110,7 @@ def test_two_gloo_ranks_give_the_single_process_weights(baseline, tiny_data, tmp
     assert log.rstrip().endswith("run_complete")
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_warm_up_leaves_no_trace(baseline, tiny_data, tmp_path):
     base_cwd, base_log = baseline  # WARMUP_STEPS=3
     cwd = tmp_path / "nowarm"
@@ -121,6 +124,7 @@ def test_warm_up_leaves_no_trace(baseline, tiny_data, tmp_path):
     assert not different, different
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_wallclock_cap_stops_early(tiny_data, tmp_path):
     env = tiny_settings(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="1",
                         TRAIN_LOG_EVERY="1000", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", WARMUP_STEPS="1")
@@ -144,6 +148,7 @@ def test_wallclock_cap_stops_early(tiny_data, tmp_path):
     assert log.rstrip().endswith("run_complete")
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_looping_switches_on_at_the_configured_fraction(tiny_data, tmp_path):
     env = tiny_settings(tiny_data, ENABLE_LOOPING_AT="0.75", NUM_LAYERS="4", XSA_LAST_N="4", LOOP_START="1",
                         LOOP_END="2", NUM_LOOPS="1", PARALLEL_RESIDUAL_START="3", SLIDING_WINDOW_ENABLED="0",
@@ -172,6 +177,7 @@ CHANNEL_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_host_channel_agrees_across_two_gloo_ranks(tmp_path):
     """Both ranks get the same elapsed time (the max), the same divergence flag, the mean logged loss."""
     for text in run_two_ranks(["-c", CHANNEL_WORKER, str(REPO)]):
