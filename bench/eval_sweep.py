@@ -37,11 +37,10 @@ def main() -> int:
     t_start = time.perf_counter()
     h = tg.Hyperparameters()
     device = tg.setup_device(h)
-    tg.log = tg.Logger(None, enabled=h.is_main)
+    tg.log.open(None, enabled=h.is_main)
     val = tg.ValidationData(h, device)
     model, base = tg.load_eval_model(Path(args.artifact), h, device)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tg.configure_runtime(base, device, [model])
     for text in args.variants:
         if time.perf_counter() - t_start > args.budget:
             print(json.dumps({"variant": text, "skipped": "budget"}), flush=True)
@@ -50,10 +49,10 @@ def main() -> int:
         hv = base.replace(**overrides)
         use_ttt = bool(overrides.get("TTT_ENABLED", any(k.startswith("TTT_") for k in overrides)))
         model.load_state_dict(state)
-        cfg = tg.TTTConfig(hv.ttt_lr, hv.ttt_epochs, hv.ttt_momentum, hv.ttt_grad_clip, hv.ttt_batch_seqs) if use_ttt else None
+        cfg = tg.TTTConfig.from_settings(hv) if use_ttt else None
         t0 = time.perf_counter()
         if use_ttt and device.type == "cuda":
-            tg.ttt_compile_warmup(model, hv, device)
+            tg.ttt_compile_warmup(model, cfg, device, h.world_size)
         (r, legal), ms = tg.timed(device, lambda: tg.evaluate_sliding(model, val, hv, device, ttt=cfg))
         total_s = time.perf_counter() - t0
         if h.is_main:
