@@ -152,3 +152,11 @@ def run_two_ranks(args: list[str], extra_env: dict[str, str] | None = None, time
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     return outputs
 
+
+
+@pytest.fixture
+def captured_log(monkeypatch):
+    """What the script logs, as a list of lines, instead of the console (in-process tests)."""
+    lines: list[str] = []
+    monkeypatch.setattr(tg, "log", lambda msg="", console=True: lines.append(msg))
+    return lines

@@ -359,13 +359,6 @@ def inproc_settings(tmp_path: Path) -> tg.Hyperparameters:
                                        "ARTIFACT_PATH": str(tmp_path / ARTIFACT)}, cuda_available=False)
 
 
-@pytest.fixture
-def captured_log(monkeypatch):
-    lines: list[str] = []
-    monkeypatch.setattr(tg, "log", lambda msg="", console=True: lines.append(msg))
-    return lines
-
-
 def test_artifact_over_limit(tmp_path, monkeypatch, captured_log):
     assert tg.ARTIFACT_LIMIT_BYTES == 16_000_000
     monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 1000)

@@ -96,14 +96,7 @@ def tiny_artifact(h, eval_settings: dict | None) -> bytes:
     return tg.serialize_artifact(tensors, h.model_config(), "brotli", eval_settings)
 
 
-@pytest.fixture
-def lines(monkeypatch):
-    out: list[str] = []
-    monkeypatch.setattr(tg, "log", lambda msg="", console=True: out.append(msg))
-    return out
-
-
-def test_eval_settings_come_from_the_artifact_unless_set(tiny_data, tmp_path, lines):
+def test_eval_settings_come_from_the_artifact_unless_set(tiny_data, tmp_path, captured_log):
     made = tg.Hyperparameters(tiny_settings(tiny_data, EVAL_SEQ_LEN="48", EVAL_STRIDE="16", TTT_ENABLED="1",
                                             TTT_LR="0.123"), cuda_available=False)
     path = tmp_path / "a.ptz"
@@ -113,18 +106,18 @@ def test_eval_settings_come_from_the_artifact_unless_set(tiny_data, tmp_path, li
     scorer = tg.Hyperparameters({"PRESET": "small", "EVAL_ONLY": "1", "EVAL_STRIDE": "8"}, cuda_available=False)
     _, hh = tg.load_eval_model(path, scorer, torch.device("cpu"))
     assert (hh.eval_seq_len, hh.eval_stride, hh.ttt_enabled, hh.ttt_lr) == (48, 8, True, 0.123)
-    line = next(l for l in lines if l.startswith("eval_settings:"))
+    line = next(l for l in captured_log if l.startswith("eval_settings:"))
     for part in ("EVAL_SEQ_LEN=48(artifact)", "EVAL_STRIDE=8(env)", "TTT_ENABLED=True(artifact)", "TTT_LR=0.123(artifact)",
                  "TTT_CHUNK_TOKENS=2048(artifact)", "SLIDING_WINDOW_ENABLED=True(artifact)"):
         assert f" {part}" in line, (part, line)
     assert set(re.findall(r" (\w+)=", line)) == set(made.eval_config())
 
     # an artifact made before the settings were stored still loads; its values are this run's defaults
-    lines.clear()
+    captured_log.clear()
     path.write_bytes(tiny_artifact(made, None))
     _, hh = tg.load_eval_model(path, scorer, torch.device("cpu"))
     assert hh.eval_seq_len == scorer.eval_seq_len
-    line = next(l for l in lines if l.startswith("eval_settings:"))
+    line = next(l for l in captured_log if l.startswith("eval_settings:"))
     assert f" EVAL_SEQ_LEN={scorer.eval_seq_len}(default)" in line and " EVAL_STRIDE=8(env)" in line
 
 
