@@ -210,10 +210,12 @@ SETTINGS: list[Setting] = [
     _s("EMA_DECAY", float, 0.9965, "EMA decay per step; the EMA weights are what gets quantized", min=0, max=1),
     # --- quantization and artifact
     _s("GPTQ_CALIBRATION_BATCHES", int, 64, "micro-batches of training data for GPTQ Hessians, all ranks together", min=1),
-    _s("GPTQ_RESERVE_SECONDS", float, 12.0, "seconds of the wallclock cap kept for Hessian collection", min=0),
+    _s("GPTQ_RESERVE_SECONDS", float, 12.0, "seconds of the wallclock cap kept for Hessian collection (when set, or with GPTQ_RESERVE_AUTO=0)", min=0),
+    _s("GPTQ_RESERVE_AUTO", bool, True, "ours: unless GPTQ_RESERVE_SECONDS is set, reserve what calibration will take, timed in the warm-up on random tokens: batches per rank x probe x 1.25 + 1 s"),
     _s("MATRIX_BITS", int, 6, "bits of GPTQ block matrices", min=2, max=8),
     _s("EMBED_BITS", int, 8, "bits of the embedding", min=2, max=8),
     _s("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for matrices: scale = k*std(row)/qmax", min=0.1),
+    _s("MLP_CLIP_SIGMAS", float, 0.0, "ours: SDClip k of the MLP matrices (0 = MATRIX_CLIP_SIGMAS)", min=0),
     _s("EMBED_CLIP_SIGMAS", float, 20.0, "SDClip k for the embedding", min=0.1),
     _s("QUANT_MIN_NUMEL", int, 65536, "ours: 2-D weights with more values than this are GPTQ-quantized, smaller ones kept as fp16", min=0),
     _s("COMPRESSOR", str, "brotli", "brotli | lzma", choices=("brotli", "lzma")),
@@ -479,6 +481,18 @@ def wallclock_stop(step_end_ms: float, cap_ms: float | None) -> bool:
     """Training time rule, as the training loop applies it: the step predicted to end at or past the cap
     (MAX_WALLCLOCK_SECONDS minus the GPTQ_RESERVE_SECONDS kept for calibration) is the last one."""
     return cap_ms is not None and step_end_ms >= cap_ms
+
+
+CALIBRATION_RESERVE_FACTOR = 1.25  # the timed probe x this, per calibration batch of a rank ...
+CALIBRATION_RESERVE_MARGIN_S = 1.0  # ... plus this: the all-reduce of the Hessians, a shard read, jitter
+
+
+def calibration_reserve_seconds(probe_ms: float, batches_per_rank: int) -> float:
+    """Seconds of the wallclock cap to keep for GPTQ calibration, from the time of one calibration
+    micro-batch measured before the clock starts. A fixed 12 s reserve idles 2% of a 600 s run (7% of a
+    180 s proxy run) on a calibration that takes 2-5 s; underestimating would break the training-time
+    rule, hence the factor and the margin (train_budget logs the measured total)."""
+    return batches_per_rank * probe_ms / 1000 * CALIBRATION_RESERVE_FACTOR + CALIBRATION_RESERVE_MARGIN_S
 
 
 def train_within_budget(train_ms: float, calibration_ms: float, max_wallclock_seconds: float) -> bool:
@@ -1554,6 +1568,7 @@ class Trainer:
         self.module = module
         self.opt = Optimizers(h, model)
         self.loader = TrainLoader(h, device)
+        self.calibration_probe_ms: float | None = None  # one calibration micro-batch, timed in warm_up
 
     def step(self, step: int, lr_scale: float, micro_steps: int, poison: bool = False) -> Tensor:
         """One optimizer step over `micro_steps` micro-batches; returns the mean loss (on device)."""
@@ -1596,16 +1611,42 @@ class Trainer:
         self.loader.close()
         self.loader = TrainLoader(h, self.device)
 
+    def auto_reserve(self) -> bool:
+        h = self.h
+        return h.max_wallclock_seconds > 0 and h.gptq_reserve_auto and "GPTQ_RESERVE_SECONDS" not in h.explicit
+
+    def calibration_reserve(self) -> tuple[float, str]:
+        """(seconds kept for GPTQ calibration, how they were chosen), once warm_up has run."""
+        h = self.h
+        if self.calibration_probe_ms is None:
+            why = "GPTQ_RESERVE_SECONDS set" if "GPTQ_RESERVE_SECONDS" in h.explicit else "GPTQ_RESERVE_AUTO=0"
+            return h.gptq_reserve_seconds, why
+        per_rank = -(-h.gptq_calibration_batches // h.world_size)
+        reserve = calibration_reserve_seconds(self.calibration_probe_ms, per_rank)
+        return reserve, (f"measured: {per_rank} batches/rank x {self.calibration_probe_ms:.0f}ms probe x "
+                         f"{CALIBRATION_RESERVE_FACTOR} + {CALIBRATION_RESERVE_MARGIN_S:.0f}s")
+
     def train(self, val: "ValidationData | None") -> tuple[TrainResult, EMA]:
         h, device, model = self.h, self.device, self.model
-        cap_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if h.max_wallclock_seconds > 0 else None
-        if cap_ms is not None:
-            if cap_ms <= 0:
-                raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
-                                  f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}.")
-            log(f"wallclock: cap {h.max_wallclock_seconds:.0f}s, {h.gptq_reserve_seconds:.0f}s reserved for GPTQ calibration, training stops at {cap_ms:.0f}ms")
+        if h.max_wallclock_seconds > 0 and not self.auto_reserve() and h.gptq_reserve_seconds >= h.max_wallclock_seconds:
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after "
+                              f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}.")
         t_warm = time.time()
         self.warm_up()
+        if self.auto_reserve():
+            model.looping = h.num_loops > 0  # calibration runs on the final model, looped if it loops
+            self.calibration_probe_ms = probe_calibration_ms(model, h, device)
+            model.looping = False
+        cap_ms = None
+        if h.max_wallclock_seconds > 0:
+            reserve_s, why = self.calibration_reserve()
+            cap_ms = 1000.0 * (h.max_wallclock_seconds - reserve_s)
+            if cap_ms <= 0:
+                raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no training time after the "
+                                  f"{reserve_s:.1f}s reserved for GPTQ calibration ({why}); raise MAX_WALLCLOCK_SECONDS "
+                                  f"or lower GPTQ_CALIBRATION_BATCHES.")
+            log(f"wallclock: cap {h.max_wallclock_seconds:g}s, {reserve_s:.1f}s reserved for GPTQ calibration ({why}), "
+                f"training stops at {cap_ms:.0f}ms")
         ema = EMA(model, h.ema_decay)
         sync(device)
         log(f"startup: warm-up {time.time() - t_warm:.1f}s, first timed step {time.time() - PROCESS_START:.1f}s after launch")
@@ -1697,11 +1738,34 @@ def quantized_weight_names(model: GPT, min_numel: int) -> list[str]:
     return [n for n, p in model.named_parameters() if n in linear and p.numel() > min_numel]
 
 
+class RandomTokenBatches:
+    """Micro-batches of random tokens, shaped like the train loader's: timing probes run on these, so
+    nothing outside the timed budget reads training data."""
+
+    def __init__(self, h, device: torch.device):
+        self.shape, self.vocab, self.device = (h.micro_batch_seqs, h.train_seq_len), h.vocab_size, device
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        x = torch.randint(0, self.vocab, self.shape, generator=self.gen, device=self.device)
+        return x, x
+
+
+def probe_calibration_ms(model: GPT, h, device: torch.device) -> float:
+    """Milliseconds of one GPTQ calibration micro-batch per rank (hooks, eager blocks, all-reduce), on
+    random tokens; the first call warms the eager kernels up and is not counted."""
+    batches = RandomTokenBatches(h, device)
+    for _ in range(2):
+        _, ms = timed(device, lambda: collect_hessians(model, batches, h, device, batches=h.world_size))
+    return ms
+
+
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, loader, h, device: torch.device, batches: int | None = None) -> dict[str, Tensor]:
     """H = sum x x^T of the inputs of every quantized layer over GPTQ_CALIBRATION_BATCHES micro-batches
-    of training data, split over ranks and summed across them (N ranks collect N times faster).
-    The output head's (= tied embedding's) H comes from the final hidden states."""
+    (or `batches`) of training data, split over ranks and summed across them (N ranks collect N times
+    faster). The output head's (= tied embedding's) H comes from the final hidden states."""
+    batches = h.gptq_calibration_batches if batches is None else batches
     names = quantized_weight_names(model, h.quant_min_numel)
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
@@ -1728,8 +1792,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, h, device: torch.device) -
     runtime = model.runtime
     model.use_runtime(dataclasses.replace(runtime, block=run_block))  # eager, so the hooks see every call
     try:
-        share = [h.gptq_calibration_batches // h.world_size + (r < h.gptq_calibration_batches % h.world_size)
-                 for r in range(h.world_size)]
+        share = [batches // h.world_size + (r < batches % h.world_size) for r in range(h.world_size)]
         for i in range(max(share)):  # every rank runs the same number of micro-batches
             x, _ = loader.next()
             if i < share[h.rank]:
@@ -1866,8 +1929,10 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
     for key, names in jobs.items():
         is_embed = key == "head"
         rows = sum(state[n].size(0) for n in names)
+        # ARTIFACT_FIT's coarser grid (clip above MATRIX_CLIP_SIGMAS) scales the MLP's own k alike
+        key_clip = clip * h.mlp_clip_sigmas / h.matrix_clip_sigmas if ".mlp." in key and h.mlp_clip_sigmas > 0 else clip
         batch_key = (rows, state[names[0]].size(1), h.embed_bits if is_embed else h.matrix_bits,
-                     h.embed_clip_sigmas if is_embed else clip)
+                     h.embed_clip_sigmas if is_embed else key_clip)
         batches.setdefault(batch_key, []).append(key)
     results: dict[str, QuantizedTensor] = {}
     for (rows, cols, bits, clip_k), keys in sorted(batches.items(), key=lambda kv: str(kv[0])):

@@ -42,6 +42,33 @@ def test_wallclock_stop_is_the_training_loops_decision(tiny_data, monkeypatch):
     assert result.stopped_by_cap and result.steps < 8
 
 
+def test_calibration_reserve_is_the_probe_scaled_with_a_margin():
+    # 16 batches on one rank at 250 ms each: 4 s, x1.25 = 5 s, + 1 s
+    assert tg.calibration_reserve_seconds(250.0, 16) == pytest.approx(6.0)
+    assert tg.calibration_reserve_seconds(250.0, 2) < tg.calibration_reserve_seconds(250.0, 16)
+    assert tg.calibration_reserve_seconds(0.0, 16) == tg.CALIBRATION_RESERVE_MARGIN_S
+
+
+def test_reserve_probe_reads_no_training_data_and_leaves_the_weights(tiny_data, monkeypatch):
+    h = tg.Hyperparameters(tiny_settings(tiny_data, MAX_WALLCLOCK_SECONDS="30"), cuda_available=False)
+    torch.manual_seed(h.seed)
+    trainer = tg.Trainer(h, tg.GPT(h), CPU)
+    assert trainer.auto_reserve()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    reads = []
+    monkeypatch.setattr(tg.TrainLoader, "next", lambda self: reads.append(1) or pytest.fail("probe read training data"))
+    ms = tg.probe_calibration_ms(trainer.model, h, CPU)
+    trainer.loader.close()
+    assert ms > 0 and not reads
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    # a reserve set by hand, or GPTQ_RESERVE_AUTO=0, is used as given; no cap, no reserve at all
+    for extra in (dict(GPTQ_RESERVE_SECONDS="5"), dict(GPTQ_RESERVE_AUTO="0"), dict(MAX_WALLCLOCK_SECONDS="0")):
+        hx = tg.Hyperparameters(tiny_settings(tiny_data, **{"MAX_WALLCLOCK_SECONDS": "30", **extra}), cuda_available=False)
+        t = tg.Trainer(hx, tg.GPT(hx), CPU)
+        t.loader.close()
+        assert not t.auto_reserve()
+
+
 def test_train_within_budget():
     assert tg.train_within_budget(590_000, 10_000, 600)
     assert not tg.train_within_budget(590_000, 10_001, 600)

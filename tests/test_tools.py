@@ -524,3 +524,23 @@ def test_trace_gaps_finds_idle_time_and_the_host_operation_it_waited_for(tmp_pat
     assert (r["span_ms"], r["busy_ms"], r["idle_ms"]) == pytest.approx((0.058, 0.038, 0.020))
     assert r["idle_by_host_op_ms"] == {"Optimizer.step#Muon.step": 0.02}
     assert r["largest_gaps"] == [(20, "Optimizer.step#Muon.step", "k2")]
+
+
+@pytest.mark.slow  # a tiny training run, then the sweep process
+def test_quant_sweep_scores_variants_from_their_packed_bytes(tiny_data, tmp_path):
+    from conftest import run_script, tiny_settings
+    env = tiny_settings(tiny_data, RUN_ID="qs", MODEL_PATH=str(tmp_path / "w.pt"), GPTQ_CALIBRATION_BATCHES="2")
+    proc, log = run_script(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "quant_sweep.py"), str(tmp_path / "w.pt"), "",
+                          "EMBED_BITS=5 MLP_CLIP_SIGMAS=30"], env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    rows = rows[:1] + rows[3:]  # the float line, then the variants' lines with their shipped bytes
+    assert [r["variant"] for r in rows] == ["float weights", "", "EMBED_BITS=5 MLP_CLIP_SIGMAS=30"]
+    float_bpb = float(next(l for l in log.splitlines() if l.startswith("pre-quant")).split("val_bpb:")[1].split()[0])
+    assert rows[0]["val_bpb"] == pytest.approx(float_bpb, abs=1e-5)  # the same weights, the same plain pass
+    run_bytes = int(next(l for l in log.splitlines() if l.startswith("Serialized model")).split(": ")[1].split()[0])
+    assert abs(rows[1]["model_bytes"] - run_bytes) < 0.05 * run_bytes  # other calibration batches, same settings
+    assert rows[2]["model_bytes"] < rows[1]["model_bytes"] and rows[2]["gap"] > rows[1]["gap"]

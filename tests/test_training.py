@@ -125,6 +125,22 @@ def test_warm_up_leaves_no_trace(baseline, tiny_data, tmp_path):
 
 
 @pytest.mark.slow  # a whole train_gpt.py (or tool) process
+def test_measured_calibration_reserve_keeps_training_plus_calibration_within_the_cap(tiny_data, tmp_path):
+    env = tiny_settings(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="4", TRAIN_LOG_EVERY="1000",
+                        SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", WARMUP_STEPS="1", GPTQ_CALIBRATION_BATCHES="6")
+    _, log = run_ok(env, tmp_path / "auto")
+    m = re.search(r"^wallclock: cap 4s, ([\d.]+)s reserved for GPTQ calibration \(measured: 6 batches/rank x (\d+)ms "
+                  r"probe x 1.25 \+ 1s\), training stops at (\d+)ms$", log, re.M)
+    assert m, log[:3000]
+    reserve_s, probe_ms, stop_ms = float(m.group(1)), int(m.group(2)), int(m.group(3))
+    assert reserve_s == pytest.approx(6 * probe_ms / 1000 * 1.25 + 1, abs=0.06)
+    assert stop_ms == pytest.approx(4000 - 1000 * reserve_s, abs=50)  # the log rounds the reserve to 0.1 s
+    calib_ms = int(re.search(r"^gptq:calibration batches:6 time:(\d+)ms$", log, re.M).group(1))
+    assert calib_ms < 1000 * reserve_s  # the estimate covered what calibration took
+    assert "train_within_budget:1" in next(l for l in log.splitlines() if l.startswith("compliance:"))
+
+
+@pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_wallclock_cap_stops_early(tiny_data, tmp_path):
     env = tiny_settings(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="1",
                         TRAIN_LOG_EVERY="1000", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0", WARMUP_STEPS="1")
@@ -136,7 +152,7 @@ def test_wallclock_cap_stops_early(tiny_data, tmp_path):
     # the 3 s - 1 s budget is used up: the last step is the one predicted (from the previous step's length)
     # to end past 2000 ms, so training ends at most about one step before it
     assert train_ms + 1.5 * train_ms / steps >= 2000
-    assert "wallclock: cap 3s, 1s reserved for GPTQ calibration, training stops at 2000ms" in log
+    assert "wallclock: cap 3s, 1.0s reserved for GPTQ calibration (GPTQ_RESERVE_SECONDS set), training stops at 2000ms" in log
     # the last step is logged even off the TRAIN_LOG_EVERY grid
     assert train_losses(log)[-1][0] == steps
     # looping switches on by time fraction, before the end
