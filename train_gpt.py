@@ -1961,13 +1961,16 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
 #   header: magic b"PGLF", version u8, compressor u8 (0 brotli, 1 lzma), 2 reserved bytes,
 #           crc32 u32 of the payload before compression, payload length u64, reserved u32.
 #   payload: u32 length + JSON {config, table, names_digest}, then four sections:
-#     int8 codes of every quantized tensor (row-major, in table order), uint8 row-scale codes,
+#     int8 codes of every quantized tensor (in table order; each in column order since version 3: GPTQ's
+#     error feedback runs along a row, so codes down a column are more alike and Brotli finds more of
+#     them, ~36 KB on the record-size model), uint8 row-scale codes,
 #     float32 top scale per quantized tensor, fp16 plain tensors (byte-shuffled).
 # The table lists, per tensor in the model's parameter order, [bits, *shape]; names are not stored, only
 # a digest of them, which the loader compares with the model built from the stored config.
 
 ARTIFACT_MAGIC = b"PGLF"
-ARTIFACT_VERSION = 2  # 2: row scales as 8-bit log codes (1 stored fp16 scales)
+ARTIFACT_VERSION = 3  # 3: codes in column order; 2: row order, row scales as 8-bit log codes (1: fp16 scales)
+READABLE_VERSIONS = (2, 3)
 ARTIFACT_HEADER = struct.Struct("<4sBBHIQI")
 COMPRESSORS = {"brotli": 0, "lzma": 1}
 
@@ -2011,7 +2014,7 @@ def serialize_artifact(tensors: list[QuantizedTensor], config: dict, compressor:
         meta["eval"] = eval_settings
     meta = json.dumps(meta, separators=(",", ":")).encode()
     quantized = [t for t in tensors if t.bits != 16]
-    codes = b"".join(t.codes.astype(np.int8).tobytes() for t in quantized)
+    codes = b"".join(t.codes.astype(np.int8).T.tobytes() for t in quantized)  # .T.tobytes(): column order
     scale_codes = b"".join(t.scale_codes.astype(np.uint8).tobytes() for t in quantized)
     tops = np.array([t.scale_top for t in quantized], dtype="<f4").tobytes()
     plain = b"".join(t.values.astype("<f2").tobytes() for t in tensors if t.bits == 16)
@@ -2029,8 +2032,9 @@ def parse_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, list[tu
     magic, version, comp_id, reserved_a, crc, length, reserved_b = ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise ArtifactError(f"{source} does not start with the artifact magic {ARTIFACT_MAGIC!r} (found {magic!r}). {fix}")
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{source} has artifact version {version}; this script reads version {ARTIFACT_VERSION}.")
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{source} has artifact version {version}; this script reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}.")
     if reserved_a or reserved_b:
         raise ArtifactError(f"{source} has non-zero reserved header fields: the header is corrupt. {fix}")
     names = {v: k for k, v in COMPRESSORS.items()}
@@ -2056,7 +2060,14 @@ def parse_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, list[tu
     scale_codes = body[n_codes:n_codes + n_rows]
     tops = np.frombuffer(body, dtype="<f4", count=n_tops, offset=n_codes + n_rows)
     plain = byte_unshuffle(body[n_codes + n_rows + 4 * n_tops:])
+    meta["version"] = version
     return meta, table, codes, scale_codes, tops, plain
+
+
+def stored_codes(codes: bytes, offset: int, shape: tuple, version: int) -> np.ndarray:
+    """One tensor's int codes, shaped as the tensor, from the codes section (column order since version 3)."""
+    q = np.frombuffer(codes, dtype=np.int8, count=math.prod(shape), offset=offset)
+    return q.reshape(shape[::-1]).T if version >= 3 else q.reshape(shape)
 
 
 def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact") -> dict[str, Tensor]:
@@ -2072,7 +2083,7 @@ def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact") -> di
             out[name] = torch.from_numpy(np.frombuffer(plain, dtype="<f2", count=n, offset=2 * p).astype(np.float32)).view(shape)
             p += n
         else:
-            t = QuantizedTensor(name, shape, bits, codes=np.frombuffer(codes, dtype=np.int8, count=n, offset=c).reshape(shape),
+            t = QuantizedTensor(name, shape, bits, codes=stored_codes(codes, c, shape, meta["version"]),
                                 scale_top=float(tops[k]), scale_codes=np.frombuffer(scale_codes, dtype=np.uint8, count=shape[0], offset=r))
             out[name] = t.dequantize()
             c, r, k = c + n, r + shape[0], k + 1

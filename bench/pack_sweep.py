@@ -66,7 +66,7 @@ def main() -> int:
     for name, (bits, shape) in zip(names, table):
         if bits != 16:
             n = math.prod(shape)
-            mats.append((name, bits, np.frombuffer(codes, dtype=np.int8, count=n, offset=c).reshape(shape)))
+            mats.append((name, bits, tg.stored_codes(codes, c, shape, meta["version"])))
             c += n
     rest = scale_codes + tops.tobytes() + tg.byte_shuffle(plain)
     size = (lambda d: brotli_size(d)) if not args.fast else (lambda d: len(__import__("brotli").compress(d, quality=9, lgwin=24)))
