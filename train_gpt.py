@@ -232,6 +232,12 @@ SETTINGS: list[Setting] = [
     _s("TTT_CHUNK_TOKENS", int, 32768, "TTT chunk size in target tokens", min=1),
     _s("TTT_BATCH_SEQS", int, 32, "ours: sequences per TTT micro-batch per GPU", min=1),
     _s("TTT_GRAD_CLIP", float, 1.0, "ours: TTT gradient-norm clip", min=0),
+    _s("TTT_MODE", str, "global", "ours: global = SGD of all weights over chunks of the stream (the record's) | lora = per-document LoRA adapters, reset at each document, trained score-first chunk by chunk", choices=("global", "lora")),
+    _s("TTT_LORA_RANK", int, 8, "ours: rank of the per-document adapters (TTT_MODE=lora)", min=1),
+    _s("TTT_LORA_LR", float, 0.001, "ours: Adam LR of the per-document adapters", min=0),
+    _s("TTT_LORA_CHUNK", int, 256, "ours: targets per document chunk: scored, then trained on, before the next chunk", min=1),
+    _s("TTT_LORA_DOCS", int, 64, "ours: documents adapted side by side per GPU (one adapter set each)", min=1),
+    _s("TTT_LORA_TARGETS", str, "attn_k,attn_out,mlp_in,mlp_out,head", "ours: where adapters go: comma list of attn_q attn_k attn_v attn_out mlp_in mlp_out head"),
     # --- testing aid
     _s("DEBUG_NAN_AT_STEP", int, -1, "ours, for tests: make the loss NaN at this step (numbered from 1, as in the train log)", min=-1),
 ]
@@ -890,10 +896,15 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
+        self.lora: tuple[Tensor, Tensor] | None = None  # per-sequence adapters (A, B) of document TTT only
 
     def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
         weight = self.weight if out_scale is None else self.weight * out_scale[:, None]
-        return F.linear(x, weight.to(x.dtype))
+        out = F.linear(x, weight.to(x.dtype))
+        if self.lora is not None:  # row b of the batch gets its own low-rank update: x A_b^T B_b^T
+            a, b = self.lora
+            out = out + torch.bmm(torch.bmm(x, a.to(x.dtype).transpose(1, 2)), b.to(x.dtype).transpose(1, 2))
+        return out
 
 
 class Attention(nn.Module):
@@ -2544,6 +2555,203 @@ def ttt_compile_warmup(model: GPT, cfg: TTTConfig, device, world_size: int = 1):
     model.eval()
 
 
+# ------------------------------------------------------------------------------------------------
+# Document-level TTT (TTT_MODE=lora): per-document LoRA adapters, score-first within each document
+# ------------------------------------------------------------------------------------------------
+# Global TTT moves one set of weights through the whole stream, so what it learns from a document is
+# mostly washed out by the next ones. Here every document gets its own small adapters, starting from zero
+# effect: its first chunk is scored by the shipped model, then the adapters train on that chunk, then the
+# next chunk is scored, and so on; the adapters are dropped at the document's end. Documents never see each
+# other (attention and adapters stay inside one), and many documents run side by side as one batch.
+
+LORA_TARGETS = {"attn_q": "attn.c_q", "attn_k": "attn.c_k", "attn_v": "attn.c_v", "attn_out": "attn.proj",
+                "mlp_in": "mlp.fc", "mlp_out": "mlp.proj"}  # block submodules; "head" is the output head
+
+
+@dataclasses.dataclass(frozen=True)
+class DocTTTConfig:
+    rank: int
+    lr: float
+    chunk: int  # targets per document chunk (TTT_LORA_CHUNK)
+    docs: int  # documents per batch per GPU (TTT_LORA_DOCS)
+    targets: tuple[str, ...]
+    seq_len: int  # the longest context a chunk is scored with (EVAL_SEQ_LEN)
+
+    @classmethod
+    def from_settings(cls, h) -> "DocTTTConfig":
+        targets = tuple(t.strip() for t in h.ttt_lora_targets.split(",") if t.strip())
+        unknown = [t for t in targets if t not in LORA_TARGETS and t != "head"]
+        if unknown or not targets:
+            raise ConfigError(f"TTT_LORA_TARGETS={h.ttt_lora_targets!r}: unknown {unknown or 'empty list'}; use a comma list of "
+                              f"{', '.join([*LORA_TARGETS, 'head'])}.")
+        if h.ttt_lora_chunk > h.eval_seq_len:
+            raise ConfigError(f"TTT_LORA_CHUNK={h.ttt_lora_chunk} is longer than EVAL_SEQ_LEN={h.eval_seq_len}, the context "
+                              "a chunk is scored with; lower TTT_LORA_CHUNK.")
+        return cls(h.ttt_lora_rank, h.ttt_lora_lr, h.ttt_lora_chunk, h.ttt_lora_docs, targets, h.eval_seq_len)
+
+
+def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """Rows (start, end), one per document: inputs tokens[start:end] predict targets start+1..end, so a
+    document's last target is the next document's BOS (where it ends). Documents start at each BOS (and at
+    0); their targets together are 1..n-1, each exactly once."""
+    starts = np.flatnonzero(tokens[:-1] == bos_id)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    ends = np.concatenate([starts[1:], [tokens.size - 1]])
+    return np.stack([starts, ends], axis=1).astype(np.int64)
+
+
+class DocumentAdapters:
+    """LoRA adapters for a batch of documents, one set per document on each target layer, trained with Adam.
+    Every document starts from the same set: B zero (so it changes no output), A the same random matrix
+    (fixed seed), so a document's result does not depend on the batch it shares. use(rows) points the
+    layers at the sets of some of the documents; remove() takes them off again."""
+
+    def __init__(self, model: GPT, cfg: DocTTTConfig, n_docs: int, device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pairs = []
+
+        def pair(n_in: int, n_out: int):
+            a = torch.randn(cfg.rank, n_in, generator=g) / math.sqrt(n_in)
+            a = a.to(device)[None].repeat(n_docs, 1, 1).requires_grad_(True)
+            b = torch.zeros(n_docs, n_out, cfg.rank, device=device, requires_grad=True)
+            pairs.append((a, b))
+            return a, b
+        self.layers = [(block.get_submodule(LORA_TARGETS[t]), None) for block in model.blocks for t in cfg.targets if t != "head"]
+        self.layers = [(m, pair(m.in_features, m.out_features)) for m, _ in self.layers]
+        weight = model.head_weight()
+        self.head = pair(weight.size(1), weight.size(0)) if "head" in cfg.targets else None
+        self.opt = torch.optim.Adam([t for ab in pairs for t in ab], lr=cfg.lr)
+        self.head_rows = None
+
+    def use(self, rows: Tensor):
+        for module, (a, b) in self.layers:
+            module.lora = (a[rows], b[rows])
+        self.head_rows = (self.head[0][rows], self.head[1][rows]) if self.head is not None else None
+
+    def remove(self):
+        for module, _ in self.layers:
+            module.lora = None
+        self.head_rows = None
+
+
+def adapted_nll(model: GPT, inputs: Tensor, targets: Tensor, positions: Tensor, adapters: DocumentAdapters) -> Tensor:
+    """Per-target NLL (float32) at `positions` (one row of positions per sequence) with the adapters in use."""
+    hidden = model.forward_hidden(inputs)
+    hidden = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.size(-1)))
+    z = F.linear(hidden, model.head_weight().to(hidden.dtype))
+    if adapters.head_rows is not None:
+        a, b = adapters.head_rows
+        z = z + torch.bmm(torch.bmm(hidden, a.to(hidden.dtype).transpose(1, 2)), b.to(hidden.dtype).transpose(1, 2))
+    logits = model.logit_softcap * torch.tanh(z.float() / model.logit_softcap)
+    picked = targets.gather(1, positions)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), picked.reshape(-1), reduction="none").view(picked.shape)
+
+
+def document_batches(spans: np.ndarray, docs: int, chunk: int) -> list[tuple[np.ndarray, int]]:
+    """Documents longest first in batches of `docs` (like lengths together, so little padding), each with
+    the first chunk-phase number it uses: phases are numbered over all batches, for the score ledger."""
+    lengths = spans[:, 1] - spans[:, 0]
+    order = np.argsort(-lengths, kind="stable")
+    out, phase = [], 0
+    for lo in range(0, len(order), docs):
+        idx = order[lo:lo + docs]
+        out.append((idx, phase))
+        phase += -(-int(lengths[idx].max()) // chunk)
+    return out
+
+
+def evaluate_document_ttt(model: GPT, val: ValidationData, h, device, cfg: DocTTTConfig,
+                          observer=None) -> tuple[EvalResult, dict]:
+    """val_bpb with per-document score-first LoRA TTT. Batches of documents are dealt to ranks in turn.
+    For chunk c of every document of a batch: score the chunk's targets under no_grad (context: the
+    document's tokens before them, at most EVAL_SEQ_LEN), then, for documents with a chunk after it, one
+    Adam step of their adapters on the chunk's loss. The base weights never change."""
+    spans = document_spans(val.tokens_np, val.sp.bos_id())
+    batches = document_batches(spans, cfg.docs, cfg.chunk)
+    n_phases = batches[-1][1] + -(-int((spans[batches[-1][0], 1] - spans[batches[-1][0], 0]).max()) // cfg.chunk)
+    ledger = ScoreLedger(val.n, n_phases)
+    mine = batches[h.rank::h.world_size]
+    progress = EvalProgress("doc_ttt", len(mine))
+    runtime = model.runtime  # the adapters change per batch and shapes per chunk: the eager functions run
+    model.use_runtime(dataclasses.replace(runtime, block=run_block, merge_skip=merge_skip, sum_tensors=sum_tensors))
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    loss_sum, tokens, nbytes, C = 0.0, 0, 0, cfg.chunk
+    try:
+        for done, (idx, phase0) in enumerate(mine, 1):
+            start, length = spans[idx, 0], spans[idx, 1] - spans[idx, 0]
+            adapters = DocumentAdapters(model, cfg, len(idx), device)
+            for c in range(-(-int(length.max()) // C)):
+                phase, lo = phase0 + c, c * C
+                rows = np.flatnonzero(length > lo)  # documents that have a chunk c
+                end = np.minimum(lo + C, length[rows])
+                w0 = np.maximum(0, end - cfg.seq_len)  # the context window of each: doc positions w0..end-1
+                T = int((end - w0).max())
+                inputs = torch.zeros(len(rows), T, dtype=torch.int64)
+                targets = torch.zeros(len(rows), T, dtype=torch.int64)
+                for k, (r, e, w) in enumerate(zip(rows, end, w0)):
+                    s = int(start[r])
+                    inputs[k, :e - w] = val.tokens[s + w:s + e]
+                    targets[k, :e - w] = val.tokens[s + w + 1:s + e + 1]
+                n_scored = torch.from_numpy(end - lo)
+                positions = torch.from_numpy(lo - w0)[:, None] + torch.arange(C)[None, :]
+                valid = torch.arange(C)[None, :] < n_scored[:, None]
+                positions = torch.where(valid, positions, torch.zeros_like(positions))
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                positions, valid = positions.to(device), valid.to(device)
+                for r, e in zip(rows, end):  # record before the adapters see these targets
+                    a, b = int(start[r]) + lo + 1, int(start[r]) + int(e) + 1
+                    ledger.score(phase, a, b)
+                    tokens, nbytes = tokens + (b - a), nbytes + val.bytes_of(a, b)
+                    if observer is not None:
+                        observer("score", a, b)
+                adapters.use(torch.from_numpy(rows).to(device))
+                with torch.no_grad():
+                    nll = adapted_nll(model, inputs, targets, positions, adapters)
+                loss_sum += (nll.double() * valid).sum().item()
+                learn = np.flatnonzero(length[rows] > lo + C)  # of these, the documents with a chunk after this one
+                if learn.size:
+                    sel = torch.from_numpy(learn).to(device)
+                    adapters.use(torch.from_numpy(rows[learn]).to(device))
+                    nll = adapted_nll(model, inputs[sel], targets[sel], positions[sel], adapters)
+                    mask = valid[sel].float()
+                    loss = ((nll * mask).sum(1) / mask.sum(1)).sum()  # each document's mean: their adapters are separate
+                    adapters.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    adapters.opt.step()
+                    val.updates += 1
+                    for j, r in enumerate(rows[learn]):
+                        a, b = int(start[r]) + lo + 1, int(start[r]) + int(end[learn[j]]) + 1
+                        ledger.train(phase, a, b, 1 if j == 0 else 0)
+                        if observer is not None:
+                            observer("train", a, b)
+                adapters.remove()
+            progress.update(done, tokens, loss_sum, nbytes)
+    finally:
+        for module in model.modules():
+            if isinstance(module, CastedLinear):
+                module.lora = None
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+        model.use_runtime(runtime)
+    return reduce_result(loss_sum, tokens, nbytes, device), ledger.summary(device)
+
+
+def evaluate_ttt(model: GPT, val: ValidationData, hh, device) -> tuple[EvalResult, dict]:
+    """The TTT pass TTT_MODE names, compile warm-up included (global TTT, on random tokens only)."""
+    if hh.ttt_mode == "lora":
+        return evaluate_document_ttt(model, val, hh, device, DocTTTConfig.from_settings(hh))
+    cfg = TTTConfig.from_settings(hh)
+    if hh.compile == "1" or (hh.compile == "auto" and device.type == "cuda"):
+        t0 = time.perf_counter()
+        ttt_compile_warmup(model, cfg, device, hh.world_size)
+        log(f"ttt:compile_warmup on random tokens {1000 * (time.perf_counter() - t0):.0f}ms")
+    return evaluate_sliding(model, val, hh, device, ttt=cfg)
+
+
 # ================================================================================================
 # Main: setup, train, quantize, write the artifact, reload it, evaluate
 # ================================================================================================
@@ -2762,12 +2970,8 @@ def evaluate_artifact(path: Path, h, device, val: ValidationData) -> dict:
         passes.append(legal)
         log_stage("quantized_sliding_window", r.loss, r.bpb, ms, r.tokens, r.bytes)
     if hh.ttt_enabled:
-        cfg = TTTConfig.from_settings(hh)
         t0 = time.perf_counter()
-        if hh.compile == "1" or (hh.compile == "auto" and device.type == "cuda"):
-            ttt_compile_warmup(model, cfg, device, hh.world_size)
-            log(f"ttt:compile_warmup on random tokens {1000 * (time.perf_counter() - t0):.0f}ms")
-        (r, legal), _ = timed(device, lambda: evaluate_sliding(model, val, hh, device, ttt=cfg))
+        (r, legal), _ = timed(device, lambda: evaluate_ttt(model, val, hh, device))
         passes.append(legal)
         facts["score_first"] = legal["score_first"]
         log("ttt:legality " + " ".join(f"{k}:{legal[k]}" for k in ("score_first", "chunks", "trained_chunks",
