@@ -1,6 +1,7 @@
-"""Packing of an artifact's weight bytes, measured: the shipped layout (one Brotli-11 stream) against
-grouped streams, value transforms, column order and other compressors, with the order-0 entropy of the
-codes as the floor that per-value coding could reach. Lossless, so val_bpb does not move; only bytes do.
+"""Packing of an artifact's weight bytes, measured: the shipped file (since version 4 its codes rANS-coded)
+against grouped streams, value transforms, column order, other compressors and the rANS coder, with the
+order-0 entropy of the codes as the floor that per-value coding could reach. Lossless, so val_bpb does not
+move; only bytes do.
 
   python bench/pack_sweep.py final_model.int6.ptz            # prints a table and one JSON line
 
@@ -72,7 +73,7 @@ def main() -> int:
     size = (lambda d: brotli_size(d)) if not args.fast else (lambda d: len(__import__("brotli").compress(d, quality=9, lgwin=24)))
     rows = {}
     t0 = time.perf_counter()
-    rows["shipped (one Brotli-11 stream)"] = len(blob)
+    rows[f"shipped (artifact version {meta['version']})"] = len(blob)
     rows["codes only, one stream"] = size(codes)
     rows["codes, zigzag, one stream"] = size(zigzag(np.frombuffer(codes, np.int8)).tobytes())
     groups: dict[str, list[np.ndarray]] = {}
@@ -84,6 +85,11 @@ def main() -> int:
     rows["codes, column order, one stream per kind"] = sum(size(b"".join(np.ascontiguousarray(q.T).tobytes() for q in v)) for v in groups.values())
     rows["codes, one stream per tensor"] = sum(size(q.tobytes()) for _, _, q in mats)
     rows["codes, lzma, one stream per kind"] = sum(lzma_size(d) for d in per_kind.values())
+    streams = [np.ascontiguousarray(q.T).view(np.uint8).ravel() for _, _, q in mats]
+    tables = [tg.code_frequencies(q) for _, _, q in mats]
+    coded = tg.rans_encode(streams, tables)
+    assert np.array_equal(tg.rans_decode(coded, [s.size for s in streams], tables), np.concatenate(streams))
+    rows["codes, rANS, one table per tensor (version 4)"] = len(coded)
     rows["codes, order-0 entropy per tensor (floor)"] = round(sum(entropy_bytes(q) for _, _, q in mats))
     rows["codes, order-0 entropy per kind"] = round(sum(entropy_bytes(np.frombuffer(d, np.int8)) for d in per_kind.values()))
     rows["scales + tops + fp16 tensors, one stream"] = size(rest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import math
 import re
 import zlib
@@ -127,21 +128,61 @@ def test_round_trip_is_bit_exact(quantized, compressor):
     assert tg.serialize_artifact(tensors, h.model_config(), compressor) == blob, "serialization is deterministic"
 
 
-def test_codes_are_stored_in_column_order_and_row_order_artifacts_still_load(quantized):
+def older_artifact(tensors: list[tg.QuantizedTensor], config: dict, version: int, compressor: str = "lzma") -> bytes:
+    """A file as versions 2 (codes in row order) and 3 (column order) wrote it: the int8 codes inside the
+    compressed payload, between the JSON and the row scales, and a zero last header field."""
+    quantized = [t for t in tensors if t.bits != 16]
+    meta = json.dumps({"config": config, "table": [[t.bits, *t.shape] for t in tensors],
+                       "names_digest": tg.names_digest((t.name, list(t.shape)) for t in tensors)}).encode()
+    codes = b"".join((t.codes.astype(np.int8).T if version >= 3 else t.codes.astype(np.int8)).tobytes() for t in quantized)
+    payload = (len(meta).to_bytes(4, "little") + meta + codes
+               + b"".join(t.scale_codes.astype(np.uint8).tobytes() for t in quantized)
+               + np.array([t.scale_top for t in quantized], dtype="<f4").tobytes()
+               + tg.byte_shuffle(b"".join(t.values.astype("<f2").tobytes() for t in tensors if t.bits == 16)))
+    header = tg.ARTIFACT_HEADER.pack(tg.ARTIFACT_MAGIC, version, tg.COMPRESSORS[compressor], 0, zlib.crc32(payload), len(payload), 0)
+    return header + tg.compress(payload, compressor)
+
+
+def test_codes_are_entropy_coded_in_column_order_and_older_artifacts_still_load(quantized):
     h, model, _, tensors = quantized
     blob = tg.serialize_artifact(tensors, h.model_config(), "lzma")
     meta, _, codes, *_ = tg.parse_artifact(blob)
+    assert meta["version"] == tg.ARTIFACT_VERSION == 4
     first = next(t for t in tensors if t.bits != 16)
-    assert meta["version"] == tg.ARTIFACT_VERSION == 3
     assert codes[:first.codes.size] == np.ascontiguousarray(first.codes.astype(np.int8).T).tobytes()
-    # a version-2 file (row order) of the same tensors: the same weights come back
-    payload = tg.decompress(blob[HEADER:], "lzma")
-    meta_len = 4 + int.from_bytes(payload[:4], "little")
-    row_codes = b"".join(t.codes.astype(np.int8).tobytes() for t in tensors if t.bits != 16)
-    v2_payload = payload[:meta_len] + row_codes + payload[meta_len + len(row_codes):]
-    v2 = tg.ARTIFACT_HEADER.pack(tg.ARTIFACT_MAGIC, 2, 1, 0, zlib.crc32(v2_payload), len(v2_payload), 0)
-    old, new = tg.load_artifact_state(v2 + tg.compress(v2_payload, "lzma"), model), tg.load_artifact_state(blob, model)
-    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
+    # the codes are not in the compressed payload but in the coded section after it
+    coded_len = tg.ARTIFACT_HEADER.unpack_from(blob)[6]
+    n_codes = sum(t.codes.size for t in tensors if t.bits != 16)
+    assert 0 < coded_len < n_codes and len(tg.decompress(blob[HEADER:len(blob) - coded_len], "lzma")) < n_codes
+    new = tg.load_artifact_state(blob, model)
+    for version in (2, 3):  # the same tensors in the older layouts: the same weights come back
+        old_blob = older_artifact(tensors, h.model_config(), version)
+        assert tg.parse_artifact(old_blob)[0]["version"] == version
+        old = tg.load_artifact_state(old_blob, model)
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new), version
+    # a non-zero last header field is refused in the older versions, where it is reserved
+    v3 = older_artifact(tensors, h.model_config(), 3)
+    assert_refused(v3[:20] + b"\x01\x00\x00\x00" + v3[24:], "reserved")
+
+
+def test_coded_section_damage_is_refused(quantized):
+    """Damage in the coded section, in the compressed part before it, or in the header field giving the
+    coded section's length is caught by the checksum; a coded section that is consistent with the checksum
+    but does not decode (a writer bug) is refused too."""
+    h, _, _, tensors = quantized
+    blob = tg.serialize_artifact(tensors, h.model_config(), "brotli")
+    coded_len = tg.ARTIFACT_HEADER.unpack_from(blob)[6]
+    split = len(blob) - coded_len
+    for i in (split - 1, split, split + 5 * tg.RANS_LANES - 1, split + 5 * tg.RANS_LANES, len(blob) - 2):
+        assert_refused(flip(blob, i, 0x04), "corrupt")
+    for length in (coded_len - 2, coded_len + 2, len(blob)):
+        assert_refused(blob[:20] + length.to_bytes(4, "little") + blob[24:])
+    for keep in (split - 1, split, split + 1):
+        assert_refused(blob[:keep], "corrupt")
+    payload = tg.decompress(blob[HEADER:split], "brotli")
+    for coded in (flip(blob[split:], 5 * tg.RANS_LANES + 3), blob[split:-2], blob[split:] + b"\0\0", b""):
+        header = tg.ARTIFACT_HEADER.pack(tg.ARTIFACT_MAGIC, 4, 0, 0, zlib.crc32(coded, zlib.crc32(payload)), len(payload), len(coded))
+        assert_refused(header + blob[HEADER:split] + coded, "do not decode", "corrupt")
 
 
 def test_both_compressors_compress(quantized):
@@ -149,9 +190,9 @@ def test_both_compressors_compress(quantized):
     sizes = {}
     for comp in ("brotli", "lzma"):
         blob = tg.serialize_artifact(tensors, h.model_config(), comp)
-        length = tg.ARTIFACT_HEADER.unpack_from(blob)[5]
+        length, coded_len = tg.ARTIFACT_HEADER.unpack_from(blob)[5:]
         sizes[comp] = len(blob)
-        assert len(blob) - HEADER < 0.9 * length, f"{comp} barely compresses"
+        assert len(blob) - HEADER - coded_len < 0.9 * length, f"{comp} barely compresses"
         assert tg.artifact_config(blob, "x") == h.model_config()
     raw_codes = sum(t.codes.size for t in tensors if t.bits != 16)
     assert max(sizes.values()) < raw_codes, "6-bit codes in int8 bytes must compress below one byte per weight"
@@ -218,7 +259,7 @@ def test_wrong_magic_is_refused(blob):
 
 def test_wrong_version_is_refused(blob):
     bad = blob[:4] + bytes([tg.ARTIFACT_VERSION + 1]) + blob[5:]
-    assert_refused(bad, f"version {tg.ARTIFACT_VERSION + 1}", "versions 2, 3")
+    assert_refused(bad, f"version {tg.ARTIFACT_VERSION + 1}", "versions 2, 3, 4")
 
 
 def test_unknown_compressor_is_refused(blob):
