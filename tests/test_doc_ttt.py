@@ -169,14 +169,10 @@ sys.path[:0] = [repo, repo + "/tests"]
 import torch
 import train_gpt as tg
 from conftest import tiny_settings
+from test_eval import random_model
 h = tg.Hyperparameters(tiny_settings(Path(data), VAL_FILES=val_glob, **json.loads(sys.argv[4])), cuda_available=False)
 device = tg.setup_device(h)
-torch.manual_seed(123)
-model = tg.GPT(h)
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(0.1 * torch.randn_like(p))
-model.looping = h.num_loops > 0
+model = random_model(h)
 val = tg.ValidationData(h, device)
 r, legal = tg.evaluate_document_ttt(model, val, h, device, tg.DocTTTConfig.from_settings(h), tg.TTTConfig.from_settings(h))
 print("RESULT " + json.dumps(dict(loss_sum=r.loss_sum, tokens=r.tokens, bytes=r.bytes, legal=legal)))
