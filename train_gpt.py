@@ -232,11 +232,12 @@ SETTINGS: list[Setting] = [
     _s("TTT_CHUNK_TOKENS", int, 32768, "TTT chunk size in target tokens", min=1),
     _s("TTT_BATCH_SEQS", int, 32, "ours: sequences per TTT micro-batch per GPU", min=1),
     _s("TTT_GRAD_CLIP", float, 1.0, "ours: TTT gradient-norm clip", min=0),
-    _s("TTT_MODE", str, "global", "ours: global = SGD of all weights over chunks of the stream (the record's) | lora = per-document LoRA adapters, reset at each document, trained score-first chunk by chunk", choices=("global", "lora")),
+    _s("TTT_MODE", str, "global", "ours: global = SGD of all weights over chunks of the stream (the record's) | lora = per-document LoRA adapters, reset at each document, trained score-first chunk by chunk | both = lora inside each global chunk, then that chunk's global SGD step", choices=("global", "lora", "both")),
     _s("TTT_LORA_RANK", int, 8, "ours: rank of the per-document adapters (TTT_MODE=lora)", min=1),
     _s("TTT_LORA_LR", float, 0.001, "ours: Adam LR of the per-document adapters", min=0),
     _s("TTT_LORA_CHUNK", int, 256, "ours: targets per document chunk: scored, then trained on, before the next chunk", min=1),
     _s("TTT_LORA_DOCS", int, 64, "ours: documents adapted side by side per GPU (one adapter set each)", min=1),
+    _s("TTT_LORA_CONTEXT", int, 0, "ours: tokens of the stream before a document that its chunks also read as context (0 = each document alone)", min=0),
     _s("TTT_LORA_TARGETS", str, "attn_k,attn_out,mlp_in,mlp_out,head", "ours: where adapters go: comma list of attn_q attn_k attn_v attn_out mlp_in mlp_out head"),
     # --- testing aid
     _s("DEBUG_NAN_AT_STEP", int, -1, "ours, for tests: make the loss NaN at this step (numbered from 1, as in the train log)", min=-1),
@@ -2667,6 +2668,7 @@ class DocTTTConfig:
     docs: int  # documents per batch per GPU (TTT_LORA_DOCS)
     targets: tuple[str, ...]
     seq_len: int  # the longest context a chunk is scored with (EVAL_SEQ_LEN)
+    context: int  # tokens of the stream before the document that may be read too (TTT_LORA_CONTEXT)
 
     @classmethod
     def from_settings(cls, h) -> "DocTTTConfig":
@@ -2678,7 +2680,8 @@ class DocTTTConfig:
         if h.ttt_lora_chunk > h.eval_seq_len:
             raise ConfigError(f"TTT_LORA_CHUNK={h.ttt_lora_chunk} is longer than EVAL_SEQ_LEN={h.eval_seq_len}, the context "
                               "a chunk is scored with; lower TTT_LORA_CHUNK.")
-        return cls(h.ttt_lora_rank, h.ttt_lora_lr, h.ttt_lora_chunk, h.ttt_lora_docs, targets, h.eval_seq_len)
+        return cls(h.ttt_lora_rank, h.ttt_lora_lr, h.ttt_lora_chunk, h.ttt_lora_docs, targets, h.eval_seq_len,
+                   h.ttt_lora_context)
 
 
 def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
@@ -2739,96 +2742,125 @@ def adapted_nll(model: GPT, inputs: Tensor, targets: Tensor, positions: Tensor, 
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), picked.reshape(-1), reduction="none").view(picked.shape)
 
 
-def document_batches(spans: np.ndarray, docs: int, chunk: int) -> list[tuple[np.ndarray, int]]:
-    """Documents longest first in batches of `docs` (like lengths together, so little padding), each with
-    the first chunk-phase number it uses: phases are numbered over all batches, for the score ledger."""
+def document_batches(spans: np.ndarray, doc_ids: np.ndarray, docs: int, chunk: int, phase: int) -> tuple[list, int]:
+    """The documents doc_ids, longest first, in batches of `docs` (like lengths together, so little padding),
+    each with the first chunk-phase number it uses (phases are numbered from `phase` on, for the score
+    ledger); and the next free phase number."""
     lengths = spans[:, 1] - spans[:, 0]
-    order = np.argsort(-lengths, kind="stable")
-    out, phase = [], 0
+    order = doc_ids[np.argsort(-lengths[doc_ids], kind="stable")]
+    out = []
     for lo in range(0, len(order), docs):
         idx = order[lo:lo + docs]
         out.append((idx, phase))
         phase += -(-int(lengths[idx].max()) // chunk)
-    return out
+    return out, phase
 
 
 def evaluate_document_ttt(model: GPT, val: ValidationData, h, device, cfg: DocTTTConfig,
-                          observer=None) -> tuple[EvalResult, dict]:
+                          global_cfg: TTTConfig | None = None, observer=None) -> tuple[EvalResult, dict]:
     """val_bpb with per-document score-first LoRA TTT. Batches of documents are dealt to ranks in turn.
-    For chunk c of every document of a batch: score the chunk's targets under no_grad (context: the
-    document's tokens before them, at most EVAL_SEQ_LEN), then, for documents with a chunk after it, one
-    Adam step of their adapters on the chunk's loss. The base weights never change."""
+    For chunk c of every document of a batch: score the chunk's targets under no_grad (context: the tokens
+    before them, at most EVAL_SEQ_LEN, from the document and the TTT_LORA_CONTEXT stream tokens before it),
+    then, for documents with a chunk after it, one Adam step of their adapters on the chunk's loss. A set of
+    adapters only ever scores its own document, so the context it trained on never reaches a score.
+    With global_cfg (TTT_MODE=both) documents are grouped by the global chunk their first target falls in;
+    after a group is scored, the base weights take that chunk's global TTT step (all ranks together), as in
+    evaluate_sliding. Without it the base weights never change."""
     spans = document_spans(val.tokens_np, val.sp.bos_id())
-    batches = document_batches(spans, cfg.docs, cfg.chunk)
-    n_phases = batches[-1][1] + -(-int((spans[batches[-1][0], 1] - spans[batches[-1][0], 0]).max()) // cfg.chunk)
-    ledger = ScoreLedger(val.n, n_phases)
-    mine = batches[h.rank::h.world_size]
-    progress = EvalProgress("doc_ttt", len(mine))
+    group_of = spans[:, 0] // global_cfg.chunk_tokens if global_cfg is not None else np.zeros(len(spans), np.int64)
+    groups = np.split(np.arange(len(spans)), np.flatnonzero(np.diff(group_of)) + 1)
+    plans, phase = [], 0
+    for group in groups:  # phases: each group's document chunks, then its global step
+        batches, phase = document_batches(spans, group, cfg.docs, cfg.chunk, phase)
+        plans.append((group, batches, phase))
+        phase += 1
+    ledger = ScoreLedger(val.n, phase)
+    progress = EvalProgress("doc_ttt", sum(len(b[h.rank::h.world_size]) for _, b, _ in plans))
     runtime = model.runtime  # the adapters change per batch and shapes per chunk: the eager functions run
-    model.use_runtime(dataclasses.replace(runtime, block=run_block, merge_skip=merge_skip, sum_tensors=sum_tensors))
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    loss_sum, tokens, nbytes, C = 0.0, 0, 0, cfg.chunk
+    eager = dataclasses.replace(runtime, block=run_block, merge_skip=merge_skip, sum_tensors=sum_tensors)
+    trainable = [p.requires_grad for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=global_cfg.lr, momentum=global_cfg.momentum) if global_cfg else None
+    totals, done = [0.0, 0, 0], 0  # loss sum, tokens, bytes
     try:
-        for done, (idx, phase0) in enumerate(mine, 1):
-            start, length = spans[idx, 0], spans[idx, 1] - spans[idx, 0]
-            adapters = DocumentAdapters(model, cfg, len(idx), device)
-            for c in range(-(-int(length.max()) // C)):
-                phase, lo = phase0 + c, c * C
-                rows = np.flatnonzero(length > lo)  # documents that have a chunk c
-                end = np.minimum(lo + C, length[rows])
-                w0 = np.maximum(0, end - cfg.seq_len)  # the context window of each: doc positions w0..end-1
-                T = int((end - w0).max())
-                inputs = torch.zeros(len(rows), T, dtype=torch.int64)
-                targets = torch.zeros(len(rows), T, dtype=torch.int64)
-                for k, (r, e, w) in enumerate(zip(rows, end, w0)):
-                    s = int(start[r])
-                    inputs[k, :e - w] = val.tokens[s + w:s + e]
-                    targets[k, :e - w] = val.tokens[s + w + 1:s + e + 1]
-                n_scored = torch.from_numpy(end - lo)
-                positions = torch.from_numpy(lo - w0)[:, None] + torch.arange(C)[None, :]
-                valid = torch.arange(C)[None, :] < n_scored[:, None]
-                positions = torch.where(valid, positions, torch.zeros_like(positions))
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                positions, valid = positions.to(device), valid.to(device)
-                for r, e in zip(rows, end):  # record before the adapters see these targets
-                    a, b = int(start[r]) + lo + 1, int(start[r]) + int(e) + 1
-                    ledger.score(phase, a, b)
-                    tokens, nbytes = tokens + (b - a), nbytes + val.bytes_of(a, b)
-                    if observer is not None:
-                        observer("score", a, b)
-                adapters.use(torch.from_numpy(rows).to(device))
-                with torch.no_grad():
-                    nll = adapted_nll(model, inputs, targets, positions, adapters)
-                loss_sum += (nll.double() * valid).sum().item()
-                learn = np.flatnonzero(length[rows] > lo + C)  # of these, the documents with a chunk after this one
-                if learn.size:
-                    sel = torch.from_numpy(learn).to(device)
-                    adapters.use(torch.from_numpy(rows[learn]).to(device))
-                    nll = adapted_nll(model, inputs[sel], targets[sel], positions[sel], adapters)
-                    mask = valid[sel].float()
-                    loss = ((nll * mask).sum(1) / mask.sum(1)).sum()  # each document's mean: their adapters are separate
-                    adapters.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    adapters.opt.step()
-                    val.updates += 1
-                    for j, r in enumerate(rows[learn]):
-                        a, b = int(start[r]) + lo + 1, int(start[r]) + int(end[learn[j]]) + 1
-                        ledger.train(phase, a, b, 1 if j == 0 else 0)
-                        if observer is not None:
-                            observer("train", a, b)
-                adapters.remove()
-            progress.update(done, tokens, loss_sum, nbytes)
+        for g, (group, batches, global_phase) in enumerate(plans):
+            model.use_runtime(eager)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+            for idx, phase0 in batches[h.rank::h.world_size]:
+                adapt_documents(model, val, spans[idx], phase0, cfg, ledger, totals, device, observer)
+                done += 1
+                progress.update(done, totals[1], totals[0], totals[2])
+            if global_cfg is not None and g < len(plans) - 1:
+                lo, hi = int(spans[group[0], 0]) + 1, int(spans[group[-1], 1]) + 1
+                model.use_runtime(runtime)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                for pg in opt.param_groups:
+                    pg["lr"] = global_cfg.lr_at(g, len(plans))
+                if observer is not None:
+                    observer("train", lo, hi)
+                ledger.train(global_phase, *ttt_train_chunk(model, val, lo, hi, opt, global_cfg, device, h.rank, h.world_size))
     finally:
         for module in model.modules():
             if isinstance(module, CastedLinear):
                 module.lora = None
-        for p, flag in zip(model.parameters(), frozen):
+        for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
+            p.grad = None
         model.use_runtime(runtime)
-    return reduce_result(loss_sum, tokens, nbytes, device), ledger.summary(device)
+    return reduce_result(*totals, device), ledger.summary(device)
+
+
+def adapt_documents(model: GPT, val: ValidationData, spans: np.ndarray, phase0: int, cfg: DocTTTConfig,
+                    ledger: ScoreLedger, totals: list, device, observer=None):
+    """One batch of documents (rows of spans), chunk by chunk: score, then one adapter step (see
+    evaluate_document_ttt). Adds the loss sum, targets and bytes scored to totals."""
+    start, length = spans[:, 0], spans[:, 1] - spans[:, 0]
+    adapters = DocumentAdapters(model, cfg, len(spans), device)
+    C = cfg.chunk
+    for c in range(-(-int(length.max()) // C)):
+        phase, lo = phase0 + c, c * C
+        rows = np.flatnonzero(length > lo)  # documents that have a chunk c
+        end = start[rows] + np.minimum(lo + C, length[rows])  # stream position after the chunk's last input
+        first = start[rows] + lo  # stream position of the chunk's first input (its target is first + 1)
+        w0 = np.maximum.reduce([np.zeros_like(end), start[rows] - cfg.context, end - cfg.seq_len])
+        T = int((end - w0).max())
+        inputs = torch.zeros(len(rows), T, dtype=torch.int64)
+        targets = torch.zeros(len(rows), T, dtype=torch.int64)
+        for k, (w, e) in enumerate(zip(w0.tolist(), end.tolist())):
+            inputs[k, :e - w] = val.tokens[w:e]
+            targets[k, :e - w] = val.tokens[w + 1:e + 1]
+        positions = torch.from_numpy(first - w0)[:, None] + torch.arange(C)[None, :]
+        valid = torch.arange(C)[None, :] < torch.from_numpy(end - first)[:, None]
+        positions = torch.where(valid, positions, torch.zeros_like(positions))
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        positions, valid = positions.to(device), valid.to(device)
+        for a, b in zip((first + 1).tolist(), (end + 1).tolist()):  # recorded before the adapters see them
+            ledger.score(phase, a, b)
+            totals[1], totals[2] = totals[1] + (b - a), totals[2] + val.bytes_of(a, b)
+            if observer is not None:
+                observer("score", a, b)
+        adapters.use(torch.from_numpy(rows).to(device))
+        with torch.no_grad():
+            nll = adapted_nll(model, inputs, targets, positions, adapters)
+        totals[0] += (nll.double() * valid).sum().item()
+        learn = np.flatnonzero(length[rows] > lo + C)  # of these, the documents with a chunk after this one
+        if learn.size:
+            sel = torch.from_numpy(learn).to(device)
+            adapters.use(torch.from_numpy(rows[learn]).to(device))
+            nll = adapted_nll(model, inputs[sel], targets[sel], positions[sel], adapters)
+            mask = valid[sel].float()
+            loss = ((nll * mask).sum(1) / mask.sum(1)).sum()  # each document's mean: their adapters are separate
+            adapters.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            adapters.opt.step()
+            val.updates += 1
+            for j, (a, b) in enumerate(zip((first[learn] + 1).tolist(), (end[learn] + 1).tolist())):
+                ledger.train(phase, a, b, 1 if j == 0 else 0)
+                if observer is not None:
+                    observer("train", a, b)
+        adapters.remove()
 
 
 def evaluate_ttt(model: GPT, val: ValidationData, hh, device) -> tuple[EvalResult, dict]:
@@ -2840,6 +2872,8 @@ def evaluate_ttt(model: GPT, val: ValidationData, hh, device) -> tuple[EvalResul
         t0 = time.perf_counter()
         ttt_compile_warmup(model, cfg, device, hh.world_size)
         log(f"ttt:compile_warmup on random tokens {1000 * (time.perf_counter() - t0):.0f}ms")
+    if hh.ttt_mode == "both":
+        return evaluate_document_ttt(model, val, hh, device, DocTTTConfig.from_settings(hh), global_cfg=cfg)
     return evaluate_sliding(model, val, hh, device, ttt=cfg)
 
 

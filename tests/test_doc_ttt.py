@@ -1,6 +1,8 @@
 """Document-level score-first LoRA TTT (TTT_MODE=lora): documents, isolation, legality, byte counts."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,12 +54,27 @@ def doc_reference(model, val, spans) -> float:
     return total
 
 
-def run_doc_ttt(h, val, model, **cfg):
+def run_doc_ttt(h, val, model, global_ttt=False, **cfg):
     hh = h.replace(**{k.upper(): v for k, v in cfg.items()})
     events = []
-    r, legal = tg.evaluate_document_ttt(model, val, hh, CPU, tg.DocTTTConfig.from_settings(hh),
+    global_cfg = tg.TTTConfig.from_settings(hh) if global_ttt else None
+    r, legal = tg.evaluate_document_ttt(model, val, hh, CPU, tg.DocTTTConfig.from_settings(hh), global_cfg,
                                         observer=lambda *e: events.append(e))
     return r, legal, events
+
+
+def check_score_first(events, n):
+    """Every trained target had been scored before; no target is scored twice or after it was trained on."""
+    scored, trained = np.zeros(n, bool), np.zeros(n, bool)
+    for kind, a, b in events:
+        if kind == "score":
+            assert not trained[a:b].any() and not scored[a:b].any()
+            scored[a:b] = True
+        else:
+            assert scored[a:b].all()
+            trained[a:b] = True
+    assert scored[1:].all()
+    return trained
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
@@ -78,16 +95,7 @@ def test_training_is_score_first_and_documents_do_not_see_each_other(tiny_data, 
     r, legal, events = run_doc_ttt(h, val, model, ttt_lora_lr=0.05, ttt_lora_chunk=8, ttt_lora_docs=4)
     assert r.loss_sum != pytest.approx(base.loss_sum, rel=1e-4)  # the adapters did learn something
     assert legal["score_first"] == 1 and legal["each_token_once"] == 1 and legal["trained_chunks"] > 0
-    # every trained target had been scored before; no target is scored after it was trained on
-    scored, trained = np.zeros(val.n, bool), np.zeros(val.n, bool)
-    for kind, a, b in events:
-        if kind == "score":
-            assert not trained[a:b].any() and not scored[a:b].any()
-            scored[a:b] = True
-        else:
-            assert scored[a:b].all()
-            trained[a:b] = True
-    assert scored[1:].all()
+    check_score_first(events, val.n)
     # the shipped weights never change, and no adapter is left on the model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(m.lora is None for m in model.modules() if isinstance(m, tg.CastedLinear))
@@ -109,3 +117,79 @@ def test_bad_lora_settings_are_explained(tiny_data, tmp_path):
         tg.DocTTTConfig.from_settings(h.replace(TTT_LORA_TARGETS="mlp_in,qkv"))
     with pytest.raises(tg.ConfigError, match="TTT_LORA_CHUNK"):
         tg.DocTTTConfig.from_settings(h.replace(TTT_LORA_CHUNK=128))
+
+
+def context_reference(model, val, spans, chunk, context, seq_len) -> float:
+    """Sum of NLLs, each document chunk scored in one forward over the stream tokens before it: its own
+    document's and up to `context` of the documents before, at most seq_len in all."""
+    total = 0.0
+    with torch.no_grad():
+        for s, e in spans.tolist():
+            for lo in range(0, e - s, chunk):
+                first, end = s + lo, min(s + lo + chunk, e)
+                w = max(0, s - context, end - seq_len)
+                x, y = val.tokens[w:end][None], val.tokens[w + 1:end + 1][None]
+                nll = tg.head_nll(model.forward_hidden(x), model.head_weight(), y, model.logit_softcap)
+                total += float(nll[0, first - w:].double().sum())
+    return total
+
+
+def test_stream_context_reaches_into_the_documents_before(tiny_data, tmp_path):
+    h, val, model = doc_setup(tiny_data, tmp_path, LENGTHS, EVAL_SEQ_LEN="64")
+    spans = tg.document_spans(val.tokens_np, val.sp.bos_id())
+    alone, _, _ = run_doc_ttt(h, val, model, ttt_lora_lr=0.0, ttt_lora_chunk=16, ttt_lora_docs=3)
+    r, legal, _ = run_doc_ttt(h, val, model, ttt_lora_lr=0.0, ttt_lora_chunk=16, ttt_lora_docs=3, ttt_lora_context=20)
+    assert r.loss_sum == pytest.approx(context_reference(model, val, spans, 16, 20, 64), rel=1e-5)
+    assert r.loss_sum != pytest.approx(alone.loss_sum, rel=1e-4) and legal["each_token_once"] == 1
+
+
+def test_both_modes_adapt_documents_inside_global_chunks_score_first(tiny_data, tmp_path):
+    h, val, model = doc_setup(tiny_data, tmp_path, LENGTHS * 3, EVAL_SEQ_LEN="64", TTT_CHUNK_TOKENS="256")
+    spans = tg.document_spans(val.tokens_np, val.sp.bos_id())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # with both LRs at 0 it is the documents scored alone
+    r0, _, _ = run_doc_ttt(h, val, model, global_ttt=True, ttt_lora_lr=0.0, ttt_lr=0.0, ttt_lora_chunk=16)
+    assert r0.loss_sum == pytest.approx(doc_reference(model, val, spans), rel=1e-5)
+    r, legal, events = run_doc_ttt(h, val, model, global_ttt=True, ttt_lora_lr=0.05, ttt_lr=0.05, ttt_lora_chunk=16)
+    trained = check_score_first(events, val.n)
+    assert legal["score_first"] == 1 and legal["each_token_once"] == 1 and r.tokens == val.n - 1
+    # the global steps trained the base weights on whole groups of documents, all but the last group
+    global_steps = [(a, b) for kind, a, b in events if kind == "train" and b - a > 16]
+    assert len(global_steps) >= 2 and all(a - 1 in spans[:, 0] for a, _ in global_steps)
+    assert not trained[global_steps[-1][1]:].all()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+WORKER = """
+import json, sys
+from pathlib import Path
+repo, data, val_glob = sys.argv[1:4]
+sys.path[:0] = [repo, repo + "/tests"]
+import torch
+import train_gpt as tg
+from conftest import tiny_settings
+from test_eval import random_model
+h = tg.Hyperparameters(tiny_settings(Path(data), VAL_FILES=val_glob, **json.loads(sys.argv[4])), cuda_available=False)
+device = tg.setup_device(h)
+model = random_model(h)
+val = tg.ValidationData(h, device)
+r, legal = tg.evaluate_document_ttt(model, val, h, device, tg.DocTTTConfig.from_settings(h), tg.TTTConfig.from_settings(h))
+print("RESULT " + json.dumps(dict(loss_sum=r.loss_sum, tokens=r.tokens, bytes=r.bytes, legal=legal)))
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_two_ranks_share_the_documents_and_score_like_one(tiny_data, tmp_path):
+    from conftest import REPO, run_two_ranks
+    settings = dict(EVAL_SEQ_LEN="64", TTT_CHUNK_TOKENS="256", TTT_LORA_CHUNK="16", TTT_LORA_LR="0.05",
+                    TTT_LR="0.05", TTT_LORA_DOCS="4", TTT_LORA_CONTEXT="8")
+    h, val, model = doc_setup(tiny_data, tmp_path, LENGTHS * 3, **settings)
+    one, legal_one, _ = run_doc_ttt(h, val, model, global_ttt=True)
+    outputs = run_two_ranks(["-c", WORKER, str(REPO), str(tiny_data), str(tmp_path / "val" / "fineweb_val_*.bin"),
+                             json.dumps(settings)])
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for text in outputs for line in text.splitlines() if line.startswith("RESULT ")]
+    assert len(rows) == 2 and rows[0] == rows[1]  # all-reduced: both ranks report the whole pass
+    assert (rows[0]["tokens"], rows[0]["bytes"]) == (one.tokens, one.bytes)
+    assert rows[0]["loss_sum"] == pytest.approx(one.loss_sum, rel=1e-5)
+    assert rows[0]["legal"] == legal_one and legal_one["each_token_once"] == 1

@@ -161,13 +161,18 @@ def eval_setup(tiny_data, tmp_path, n: int, **overrides):
                            cuda_available=False)
     val = tg.ValidationData(h, torch.device("cpu"))
     assert val.n == n
+    return h, val, random_model(h)
+
+
+def random_model(h) -> tg.GPT:
+    """A GPT with seeded random weights everywhere (zero-init layers too), looping as the settings say."""
     torch.manual_seed(123)
     model = tg.GPT(h)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.looping = h.num_loops > 0
-    return h, val, model
+    return model
 
 
 def reference_sliding(model, val, h) -> float:
