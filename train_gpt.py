@@ -2279,6 +2279,11 @@ def code_sizes() -> tuple[int, int, str]:
 # ================================================================================================
 
 
+# Case markers of data/prepare.py --case-ops (capitalized word, ALL-CAPS word): user-defined pieces that stand for
+# no byte of the original text; the lower-cased letters after them keep their UTF-8 length.
+CASE_MARKERS = ("\ue000", "\ue001")
+
+
 def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token id: UTF-8 bytes of its piece without a leading '▁', whether it starts with '▁', and
     whether it is a boundary (control/unknown/unused: BOS counts 0 bytes and swallows the next space)."""
@@ -2293,6 +2298,8 @@ def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.nda
             base[i] = 1
             continue
         piece = sp.id_to_piece(i)
+        if piece in CASE_MARKERS:  # 0 bytes and not a boundary: the space of a following '▁word' still counts
+            continue
         if piece.startswith("▁"):
             space[i], piece = True, piece[1:]
         base[i] = len(piece.encode("utf-8"))

@@ -10,6 +10,11 @@ your own text.
       --val-input ../shared/corpus/docs_val.jsonl.xz \\
       --tokenizer ../shared/corpus/tokenizer/sp8192.model --out ./data_corpus
 
+  # the same with case operators (data/README.md), using the committed case-op tokenizer:
+  python data/prepare.py text --input ../shared/corpus/docs_train.jsonl.xz \\
+      --val-input ../shared/corpus/docs_val.jsonl.xz \\
+      --tokenizer data/case_ops/fineweb_8192_bpe.model --case-ops --out ./data_case
+
   # your own text, with a tokenizer trained here with the challenge's SentencePiece settings:
   python data/prepare.py text --input my_docs/ --val-docs 1000 --train-tokenizer --out ./data_mine
   python data/prepare.py text --input my_docs/ --val-frac 0.03 --train-tokenizer --out ./data_mine  # the first 3 %
@@ -26,6 +31,7 @@ OUT/tokenizers/fineweb_{V}_bpe.model. Errors print `error: ...` and exit with st
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import io
@@ -39,6 +45,7 @@ import shutil
 import struct
 import sys
 import time
+import unicodedata
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +60,7 @@ import sentencepiece as spm
 REPO_DIR = Path(__file__).resolve().parent.parent
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
-from train_gpt import DataError, atomic_write_bytes, read_shard_header, write_shard  # noqa: E402
+from train_gpt import CASE_MARKERS, DataError, atomic_write_bytes, read_shard_header, write_shard  # noqa: E402
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"
 BOS_ID = 1
@@ -206,9 +213,11 @@ def tokenizer_settings(proto: bytes) -> dict:
     return settings
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int, threads: int) -> bytes:
-    """Train a BPE model with the challenge's settings; each line of a document is one sentence, as for
-    the shared corpus's tokenizer. Returns the .model bytes."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int, threads: int,
+                    user_symbols: tuple[str, ...] = ()) -> bytes:
+    """Train a BPE model with the challenge's settings, plus `user_symbols` as pieces of their own (the case
+    markers); each line of a document is one sentence, as for the shared corpus's tokenizer. Returns the
+    .model bytes."""
     failure: list[BaseException] = []
 
     def sentences() -> Iterator[str]:
@@ -230,6 +239,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int, threa
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model,
                                        **{**CHALLENGE_TOKENIZER, "vocab_size": vocab_size},
+                                       **({"user_defined_symbols": list(user_symbols)} if user_symbols else {}),
                                        num_threads=threads, minloglevel=2)
     except RuntimeError as e:
         if not failure:
@@ -325,6 +335,100 @@ def read_documents(files: list[Path], sources: set[str] | None = None) -> Iterat
             yield from _read_txt(path)
         else:
             yield from _read_jsonl(path, sources)
+
+
+# ================================================================================================
+# Case operators (--case-ops): lossless lower-casing, so that "The", "the" and "THE" share pieces
+# ================================================================================================
+
+CASE_CAP, CASE_UPPER = CASE_MARKERS  # private-use characters; train_gpt.py counts their pieces as 0 bytes
+
+
+def _codepoint(c: str) -> str:
+    return f"U+{ord(c):04X}"
+
+
+def _lowers_exactly(c: str) -> bool:
+    """c is an upper-case letter whose lower-case form is one letter of the same UTF-8 length that upper-cases
+    back to c, and NFKC changes neither (so 'İ', the Kelvin sign and full-width 'Ａ' stay as they are)."""
+    low = c.lower()
+    return (low != c and len(low) == 1 and low.upper() == c and c.isalpha() and low.isalpha()
+            and len(low.encode("utf-8")) == len(c.encode("utf-8"))
+            and unicodedata.normalize("NFKC", c) == c and unicodedata.normalize("NFKC", low) == low)
+
+
+def _char_class(chars: Iterable[str]) -> str:
+    """A regex character class (without brackets) of chars, as ranges: Python's re scans a class holding
+    characters past U+FFFF item by item, so fewer items make it much faster."""
+    codes = sorted(map(ord, chars))
+    items = []
+    for _, run in itertools.groupby(enumerate(codes), lambda x: x[1] - x[0]):  # runs of consecutive code points
+        run = [code for _, code in run]
+        items.append(re.escape(chr(run[0])) + (f"-{re.escape(chr(run[-1]))}" if len(run) > 1 else ""))
+    return "".join(items)
+
+
+@functools.cache
+def _case_tables() -> tuple[re.Pattern, re.Pattern, frozenset]:
+    """(word pattern of case_encode, marker pattern of case_decode, the letters that may be lower-cased).
+    A letter is a character with str.isalpha(): Python's \\w without '_', digits and other numerals like
+    '²' (NFKC turns those into digits, which would split a word). A word is a maximal run of letters."""
+    chars = [chr(i) for i in range(sys.maxunicode + 1) if not 0xD800 <= i < 0xE000]  # no lone surrogates
+    letter = r"[^\W\d_" + _char_class(c for c in chars if c.isalnum() and not (c.isalpha() or c.isdecimal())) + "]"
+    lowerable = "".join(c for c in chars if c.lower() != c and _lowers_exactly(c))
+    # The whitespace before a word goes with it, so that its marker lands before that whitespace.
+    word = re.compile(rf"(\s*)(?<!{letter})([{_char_class(lowerable)}]{letter}*)")
+    marker = re.compile(rf"([{CASE_CAP}{CASE_UPPER}])(\s*)({letter}*)")
+    return word, marker, frozenset(lowerable)
+
+
+def _case_word(m: re.Match) -> str:
+    space, word = m.groups()  # word starts with a letter that lowers exactly
+    rest = word[1:]
+    if rest.lower() == rest:  # Capitalized (or a single capital)
+        mark, low = CASE_CAP, word[0].lower() + rest
+    else:  # ALL-CAPS, if every changed letter lowers exactly and upper-casing restores the word; else unchanged
+        mark, low = CASE_UPPER, word.lower()
+        lowerable = _case_tables()[2]
+        if len(low) != len(word) or low.upper() != word or any(a != b and a not in lowerable for a, b in zip(word, low)):
+            return m.group(0)
+    # The marker goes before the whitespace (" Hello" -> CAP + " hello"), so SentencePiece still sees "▁hello";
+    # at the start of the text it goes after it, where the normalizer drops the whitespace anyway.
+    return space + mark + low if m.start() == 0 else mark + space + low
+
+
+def case_encode(text: str) -> str:
+    """Lower-case the Capitalized and ALL-CAPS words of text, each after a marker (CASE_CAP, CASE_UPPER) placed
+    before the whitespace that precedes it; other words stay. Every lower-cased letter keeps its UTF-8 length
+    and NFKC form, so the bytes counted for the tokens (markers count 0) are those of the original text.
+    case_decode(case_encode(t)) == t. A text that already holds a marker character is refused (ValueError)."""
+    for mark in CASE_MARKERS:
+        if mark in text:
+            raise ValueError(f"the text holds the character {_codepoint(mark)}, which --case-ops uses as a case marker; "
+                             "remove it from the input or make shards without --case-ops")
+    return _case_tables()[0].sub(_case_word, text)
+
+
+def _case_restore(m: re.Match) -> str:
+    mark, space, word = m.groups()
+    return space + (word[:1].upper() + word[1:] if mark == CASE_CAP else word.upper())
+
+
+def case_decode(text: str) -> str:
+    """The inverse of case_encode. A marker that no word follows (only model output can have one) is dropped."""
+    return _case_tables()[1].sub(_case_restore, text)
+
+
+def case_documents(docs: Iterable[Doc]) -> Iterator[Doc]:
+    """docs with case_encode applied; nbytes stays the UTF-8 length of the original text."""
+    for doc in docs:
+        if doc.text is None:
+            yield doc
+            continue
+        try:
+            yield doc._replace(text=case_encode(doc.text))
+        except ValueError as e:
+            raise DataError(f"{doc.where}: {e}") from None
 
 
 # ================================================================================================
@@ -525,26 +629,36 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
         raise DataError("--source selects jsonl records by their \"source\" field; .txt inputs have none")
     val_count = None if val_files is not None else validation_count(args, train_files, sources)
 
-    # Fresh readers each time, so that a token cap on val cannot shift where train starts.
+    # Fresh readers each time, so that a token cap on val cannot shift where train starts. Case ops apply
+    # after the split: val holds the same documents with or without them.
+    transform = case_documents if args.case_ops else iter
+
     def val_docs() -> Iterator[Doc]:
         if val_files is not None:
-            return read_documents(val_files, sources)
-        return itertools.islice(read_documents(train_files, sources), val_count)
+            return transform(read_documents(val_files, sources))
+        return transform(itertools.islice(read_documents(train_files, sources), val_count))
 
     def train_docs() -> Iterator[Doc]:
         if val_files is not None:
-            return read_documents(train_files, sources)
-        return itertools.islice(read_documents(train_files, sources), val_count, None)
+            return transform(read_documents(train_files, sources))
+        return transform(itertools.islice(read_documents(train_files, sources), val_count, None))
 
     if args.train_tokenizer:
         vocab = args.vocab_size or CHALLENGE_TOKENIZER["vocab_size"]
         if vocab > MAX_VOCAB:
             raise DataError(f"--vocab-size {vocab} does not fit the uint16 shards (at most {MAX_VOCAB})")
-        print(f"training a {vocab}-piece tokenizer on up to {args.tokenizer_train_bytes / 1e6:g} MB of train text", file=sys.stderr)
+        print(f"training a {vocab}-piece tokenizer on up to {args.tokenizer_train_bytes / 1e6:g} MB of train text"
+              + (" with case ops" if args.case_ops else ""), file=sys.stderr)
         texts = (doc.text for doc in train_docs() if doc.text is not None)
-        tok = tokenizer_from_proto(train_tokenizer(texts, vocab, args.tokenizer_train_bytes, args.workers), "trained by data/prepare.py")
+        proto = train_tokenizer(texts, vocab, args.tokenizer_train_bytes, args.workers, CASE_MARKERS if args.case_ops else ())
+        tok = tokenizer_from_proto(proto, "trained by data/prepare.py")
     else:
         tok = load_tokenizer(args.tokenizer)
+    marker_ids = [tok.sp.piece_to_id(m) for m in CASE_MARKERS]
+    if args.case_ops and any(tok.sp.encode(m) != [i] or i == tok.sp.unk_id() for m, i in zip(CASE_MARKERS, marker_ids)):
+        raise DataError(f"--case-ops needs a tokenizer with the case markers {' and '.join(map(_codepoint, CASE_MARKERS))} "
+                        f"as pieces of their own; {tok.source} lacks them. Train one with --train-tokenizer --case-ops, "
+                        "or use data/case_ops/fineweb_8192_bpe.model")
     vocab = tok.vocab_size
     if args.vocab_size is not None and vocab != args.vocab_size:
         raise DataError(f"the tokenizer ({tok.source}) has {vocab} pieces, not --vocab-size {args.vocab_size}"
@@ -580,6 +694,8 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
                         "max_val_tokens": args.max_val_tokens},
             "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "source": tok.source, "sha256": tok.sha256,
                           "vocab_size": vocab, "settings": tokenizer_settings(tok.proto)},
+            "case_ops": {"capitalized": _codepoint(CASE_CAP), "all_caps": _codepoint(CASE_UPPER), "ids": marker_ids,
+                         "decode": "data/prepare.py case_decode"} if args.case_ops else None,
             "splits": splits,
         }
         _publish(staging, folder, tokenizer_path, tok, manifest)
@@ -739,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model")
     which.add_argument("--train-tokenizer", action="store_true", help="train one on the train documents with the challenge's settings")
     t.add_argument("--vocab-size", type=int, help="pieces of the trained tokenizer (default 8192); with --tokenizer, a check")
+    t.add_argument("--case-ops", action="store_true", help="lower-case Capitalized and ALL-CAPS words after a marker "
+                   "piece (U+E000, U+E001; 0 bytes in train_gpt.py) in every document; the tokenizer must have the markers")
     t.add_argument("--tokenizer-train-bytes", type=int, default=50_000_000, help="text used to train the tokenizer (default 50 MB)")
     t.add_argument("--source", action="append", metavar="NAME", help="keep only jsonl records with this \"source\" (repeatable)")
     t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100,000,000)")

@@ -4,6 +4,9 @@ bundled public-domain sample, a few train shards, a short val shard) and a runne
 A small vocabulary keeps CPU runs fast: with 8192 pieces the output head dominates everything."""
 from __future__ import annotations
 
+import itertools
+import json
+import lzma
 import os
 import socket
 import subprocess
@@ -20,6 +23,18 @@ sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
 TINY_VOCAB = 512
+CORPUS = REPO.parent / "shared" / "corpus"  # ../shared beside the checkout, as in CI
+SP8192 = CORPUS / "tokenizer" / "sp8192.model"
+
+
+def corpus_texts(split: str, n_docs: int | None) -> list[str]:
+    """Texts of the first n_docs (None: all) documents of the proxy corpus's docs_{split}.jsonl.xz; skips the
+    test without it."""
+    path = CORPUS / f"docs_{split}.jsonl.xz"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in itertools.islice(f, n_docs)]
 
 
 def sample_texts(n_docs: int) -> list[str]:
@@ -32,7 +47,7 @@ def sample_texts(n_docs: int) -> list[str]:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs train_gpt.py (or data/prepare.py) as a whole process; "
+    config.addinivalue_line("markers", "slow: runs train_gpt.py (or data/prepare.py) as a whole process, or checks a whole corpus split; "
                                        "`-m \"not slow\"` skips these for a quick check")
 
 

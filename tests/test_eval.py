@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import lzma
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import run_script, tiny_settings
+from conftest import SP8192, corpus_texts, run_script, tiny_settings
 
 import train_gpt as tg
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"  # ../shared beside the checkout, as in CI
-SP8192 = CORPUS / "tokenizer" / "sp8192.model"
 RARE_TEXT = "Tokyo 東京 and Kyōto: 🎉🦀 naïve café, 𝄞 ☃ Ωμέγα ﬁnal ½ — ‘quoted’ «guillemets» 한국어 ไทย"
 
 
@@ -39,12 +34,7 @@ def sp8192():
 @pytest.fixture(scope="module")
 def real_docs(sp8192) -> list[list[int]]:
     """Token ids of the first 50 validation documents of the proxy corpus, plus one with rare characters."""
-    texts = []
-    with lzma.open(CORPUS / "docs_val.jsonl.xz", "rt", encoding="utf-8") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            if len(texts) == 50:
-                break
+    texts = corpus_texts("val", 50)
     texts.append(RARE_TEXT + " " + texts[0][:200])
     return [sp8192.encode(t) for t in texts]
 
