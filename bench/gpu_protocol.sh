@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call for the quality protocol of notes/quality.md: prepare the shared corpus (if this warm
 # machine doesn't have it yet), then run the given seeds through tools/run_seeds.py; the seed logs land
-# in $OUT. Extra settings: PROTO_EXTRA="KEY=VALUE ..." in the environment.
+# in $OUT. Extra settings: PROTO_EXTRA="KEY=VALUE ..." in the environment; CASE_OPS=1 trains and scores on
+# the case-operator shards (data_case/) instead.
 source bench/device_setup.sh
-envs=(DATA_DIR=data_corpus TRAIN_BATCH_TOKENS=196608 MAX_WALLCLOCK_SECONDS=180 MUON_MOMENTUM_WARMUP_STEPS=150
+data=data_corpus; [ "${CASE_OPS:-0}" = 1 ] && data=data_case
+envs=(DATA_DIR=$data TRAIN_BATCH_TOKENS=196608 MAX_WALLCLOCK_SECONDS=180 MUON_MOMENTUM_WARMUP_STEPS=150
       EMA_DECAY=0.97 GPTQ_CALIBRATION_BATCHES=16 TTT_ENABLED=1 TRAIN_LOG_EVERY=50 MODEL_PATH=/tmp/final_model.pt
       ARTIFACT_PATH=/tmp/final_model.int6.ptz LOGS_DIR=/tmp/logs ${PROTO_EXTRA:-})
 args=(); for e in "${envs[@]}"; do args+=(--env "$e"); done
