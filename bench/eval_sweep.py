@@ -9,42 +9,21 @@ tokens/s) and stops starting new variants once --budget seconds have passed, so 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402
-
-
-def parse_variant(text: str) -> dict[str, object]:
-    out = {}
-    for item in text.split():
-        name, _, raw = item.partition("=")
-        setting = tg.SETTINGS_BY_NAME[name]
-        out[name] = tg._parse_value(setting, raw)
-    return out
+from sweep_common import arguments, parse_variant, setup, tg, within_budget
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact")
-    ap.add_argument("variants", nargs="+")
-    ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new variant starts")
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0], "artifact")
     t_start = time.perf_counter()
-    h = tg.Hyperparameters()
-    device = tg.setup_device(h)
-    tg.log.open(None, enabled=h.is_main)
-    val = tg.ValidationData(h, device)
+    h, device, val = setup()
     model, base = tg.load_eval_model(Path(args.artifact), h, device)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for text in args.variants:
-        if time.perf_counter() - t_start > args.budget:
-            print(json.dumps({"variant": text, "skipped": "budget"}), flush=True)
-            continue
+    for text in within_budget(args.variants, args.budget, t_start):
         overrides = parse_variant(text)
         hv = base.replace(**overrides)
         use_ttt = bool(overrides.get("TTT_ENABLED", any(k.startswith("TTT_") for k in overrides)))

@@ -15,26 +15,15 @@ This is a bench: it reads training data outside any timer, which a real run must
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import multiprocessing
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402
-
-
-def parse_variant(text: str) -> dict[str, object]:
-    out = {}
-    for item in text.split():
-        name, _, raw = item.partition("=")
-        out[name] = tg._parse_value(tg.SETTINGS_BY_NAME[name], raw)
-    return out
+from sweep_common import arguments, parse_variant, setup, tg, within_budget
 
 
 def shipped_bytes(tensors, config, eval_config, compressor) -> int:
@@ -48,16 +37,9 @@ def fast_compress(data: bytes, compressor: str) -> bytes:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="float weights written by a run (MODEL_PATH)")
-    ap.add_argument("variants", nargs="+")
-    ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new variant starts")
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0], "model", "float weights written by a run (MODEL_PATH)")
     t_start = time.perf_counter()
-    h = tg.Hyperparameters()
-    device = tg.setup_device(h)
-    tg.log.open(None, enabled=h.is_main)
-    val = tg.ValidationData(h, device)
+    h, device, val = setup()
     runtime = tg.build_runtime(h, device)
     model = tg.GPT(h).to(device)
     model.load_state_dict(torch.load(args.model, map_location=device), strict=True)
@@ -68,10 +50,7 @@ def main() -> int:
     hessians: dict[int, dict] = {}
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=8, mp_context=multiprocessing.get_context("spawn"))
     real_compress, rows = tg.compress, []
-    for text in args.variants:
-        if time.perf_counter() - t_start > args.budget:
-            print(json.dumps({"variant": text, "skipped": "budget"}), flush=True)
-            continue
+    for text in within_budget(args.variants, args.budget, t_start):
         hv = h.replace(**parse_variant(text))
         n = hv.gptq_calibration_batches
         if n not in hessians:

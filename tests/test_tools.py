@@ -544,3 +544,11 @@ def test_quant_sweep_scores_variants_from_their_packed_bytes(tiny_data, tmp_path
     run_bytes = int(next(l for l in log.splitlines() if l.startswith("Serialized model")).split(": ")[1].split()[0])
     assert abs(rows[1]["model_bytes"] - run_bytes) < 0.05 * run_bytes  # other calibration batches, same settings
     assert rows[2]["model_bytes"] < rows[1]["model_bytes"] and rows[2]["gap"] > rows[1]["gap"]
+    # the eval sweep shares the sweeps' command line and setup: one sliding and one TTT variant on the artifact
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "eval_sweep.py"), str(tmp_path / "final_model.int6.ptz"),
+                          "EVAL_STRIDE=16", "TTT_LR=0.01"], env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    assert [(r["variant"], r["ttt"]) for r in rows] == [("EVAL_STRIDE=16", False), ("TTT_LR=0.01", True)]
+    assert all(r["legality"]["each_token_once"] == 1 for r in rows)
