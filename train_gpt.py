@@ -902,10 +902,12 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
         weight = self.weight if out_scale is None else self.weight * out_scale[:, None]
         out = F.linear(x, weight.to(x.dtype))
-        if self.lora is not None:  # row b of the batch gets its own low-rank update: x A_b^T B_b^T
-            a, b = self.lora
-            out = out + torch.bmm(torch.bmm(x, a.to(x.dtype).transpose(1, 2)), b.to(x.dtype).transpose(1, 2))
-        return out
+        return out if self.lora is None else out + lora_delta(x, *self.lora)
+
+
+def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sequence low-rank update of a linear layer's output: row i of the batch gets x_i A_i^T B_i^T."""
+    return torch.bmm(torch.bmm(x, a.to(x.dtype).transpose(1, 2)), b.to(x.dtype).transpose(1, 2))
 
 
 class Attention(nn.Module):
@@ -1116,8 +1118,10 @@ class GPT(nn.Module):
         return head_loss(self.forward_hidden(ids), self.head_weight(), targets, self.logit_softcap)
 
 
-def softcapped_logits(hidden: Tensor, weight: Tensor, cap: float) -> Tensor:
-    z = F.linear(hidden, weight.to(hidden.dtype)).float()
+def softcapped_logits(hidden: Tensor, weight: Tensor, cap: float, delta: Tensor | None = None) -> Tensor:
+    """cap * tanh(z / cap) of the raw logits z = hidden W^T (+ delta: document TTT's head adapters)."""
+    z = F.linear(hidden, weight.to(hidden.dtype))
+    z = (z if delta is None else z + delta).float()
     return cap * torch.tanh(z / cap)
 
 
@@ -1126,9 +1130,9 @@ def head_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Te
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float) -> Tensor:
+def head_nll(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float, delta: Tensor | None = None) -> Tensor:
     """Per-token negative log-likelihood in float32, same shape as targets."""
-    logits = softcapped_logits(hidden, weight, cap)
+    logits = softcapped_logits(hidden, weight, cap, delta)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 
@@ -2718,8 +2722,8 @@ class DocumentAdapters:
             b = torch.zeros(n_docs, n_out, cfg.rank, device=device, requires_grad=True)
             pairs.append((a, b))
             return a, b
-        self.layers = [(block.get_submodule(LORA_TARGETS[t]), None) for block in model.blocks for t in cfg.targets if t != "head"]
-        self.layers = [(m, pair(m.in_features, m.out_features)) for m, _ in self.layers]
+        modules = [block.get_submodule(LORA_TARGETS[t]) for block in model.blocks for t in cfg.targets if t != "head"]
+        self.layers = [(m, pair(m.in_features, m.out_features)) for m in modules]
         weight = model.head_weight()
         self.head = pair(weight.size(1), weight.size(0)) if "head" in cfg.targets else None
         self.opt = torch.optim.Adam([t for ab in pairs for t in ab], lr=cfg.lr)
@@ -2740,13 +2744,8 @@ def adapted_nll(model: GPT, inputs: Tensor, targets: Tensor, positions: Tensor, 
     """Per-target NLL (float32) at `positions` (one row of positions per sequence) with the adapters in use."""
     hidden = model.forward_hidden(inputs)
     hidden = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.size(-1)))
-    z = F.linear(hidden, model.head_weight().to(hidden.dtype))
-    if adapters.head_rows is not None:
-        a, b = adapters.head_rows
-        z = z + torch.bmm(torch.bmm(hidden, a.to(hidden.dtype).transpose(1, 2)), b.to(hidden.dtype).transpose(1, 2))
-    logits = model.logit_softcap * torch.tanh(z.float() / model.logit_softcap)
-    picked = targets.gather(1, positions)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), picked.reshape(-1), reduction="none").view(picked.shape)
+    delta = lora_delta(hidden, *adapters.head_rows) if adapters.head_rows is not None else None
+    return head_nll(hidden, model.head_weight(), targets.gather(1, positions), model.logit_softcap, delta)
 
 
 def document_batches(spans: np.ndarray, doc_ids: np.ndarray, docs: int, chunk: int, phase: int) -> tuple[list, int]:
