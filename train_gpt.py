@@ -189,6 +189,10 @@ SETTINGS: list[Setting] = [
     _s("LOOP_END", int, 5, "last looped block (inclusive)", min=0),
     _s("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which recurrence switches on", min=0, max=1),
     _s("PARALLEL_RESIDUAL_START", int, 7, "blocks from this index on are parallel (GPT-J); -1 = none", min=-1),
+    _s("ATTN_GATE", bool, False, "ours: sparse attention output gate, one sigmoid per head read from ATTN_GATE_DIMS input channels"),
+    _s("ATTN_GATE_DIMS", int, 12, "ours: input channels the attention output gate reads", min=1),
+    _s("SMEAR_GATE", bool, False, "ours: BOS-safe previous-token mixing at the input, gated from SMEAR_GATE_DIMS channels"),
+    _s("SMEAR_GATE_DIMS", int, 12, "ours: input channels the smear gate reads", min=1),
     # --- optimizer
     _s("TIED_EMBED_LR", float, 0.03, "AdamW LR of the tied embedding", min=0),
     _s("EMBED_LR", float, 0.6, "AdamW LR of the embedding when untied", min=0),
@@ -199,6 +203,7 @@ SETTINGS: list[Setting] = [
     _s("MUON_MOMENTUM_WARMUP_START", float, 0.92, "Muon momentum at step 0", min=0, max=1),
     _s("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, "steps to reach MUON_MOMENTUM", min=0),
     _s("MUON_BACKEND_STEPS", int, 5, "Newton-Schulz iterations", min=1),
+    _s("MUON_NS_COEFFS", str, "quintic", "ours: Newton-Schulz coefficients: quintic (the record's, same every step) | polar (Polar Express, one quintic per step)", choices=("quintic", "polar")),
     _s("MUON_ROW_NORMALIZE", bool, True, "normalize each row of the update before Newton-Schulz"),
     _s("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", min=0),
     _s("EMBED_WD", float, 0.085, "AdamW weight decay of the embedding", min=0),
@@ -429,7 +434,8 @@ class Hyperparameters:
         """The settings that define the network's shape: stored in the artifact so it is self-describing."""
         names = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "EMBEDDING_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
                  "XSA_LAST_N", "SKIP_GATES_ENABLED", "TIE_EMBEDDINGS", "LOGIT_SOFTCAP", "ROPE_BASE", "ROPE_DIMS",
-                 "LN_SCALE", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START"]
+                 "LN_SCALE", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
+                 "ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS"]
         return {n: getattr(self, n.lower()) for n in names}
 
     def eval_config(self) -> dict:
@@ -619,6 +625,7 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+BOS_ID = 1  # every document starts with it (the challenge's shards: [BOS] + the document's pieces)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -911,7 +918,15 @@ def lora_delta(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
+    """Causal GQA attention with RMS-normed q/k, partial RoPE, a learned per-head query gain and XSA.
+
+    gate_dims > 0 adds the sparse output gate (ATTN_GATE): each head's output is multiplied by
+    sigmoid(w_h . x[:gate_dims]), read from the first gate_dims channels of the attention's own input, so a
+    head can switch itself off for a token (no attention sink needed) at 8 x 12 parameters per layer. The
+    weights start at zero (every gate 0.5, which attn_scale absorbs) and train with the scalars (AdamW)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
+                 gate_dims: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -921,6 +936,7 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.use_xsa = use_xsa
+        self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims > 0 else None
         self.runtime = EAGER  # the model's Runtime (GPT.use_runtime): which attention kernel
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None) -> Tensor:
@@ -933,6 +949,8 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
         if self.use_xsa:
             y = remove_self_value(y, v)
+        if self.gate is not None:
+            y = y * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, -1), out_scale)
 
 
@@ -955,7 +973,7 @@ class Block(nn.Module):
         super().__init__()
         dim = h.model_dim
         use_xsa = layer_idx >= h.num_layers - h.xsa_last_n
-        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa)
+        self.attn = Attention(dim, h.num_heads, h.num_kv_heads, h.qk_gain_init, use_xsa, h.attn_gate_dims if h.attn_gate else 0)
         self.mlp = MLP(dim, int(h.mlp_mult * dim))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -1023,6 +1041,23 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int,
     return order[:half], order[half:]
 
 
+class SmearGate(nn.Module):
+    """Previous-token mixing at the input (SMEAR_GATE): x_t += scale * sigmoid(w . x_t[:dims]) * x_{t-1}, a
+    cheap bigram path before the first block. BOS-safe: a document's first token (its BOS) takes nothing from
+    the token before it, which ends another document. scale starts at 0, so the model starts unchanged; both
+    train with the scalars (AdamW) and are stored as fp16."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, dims))
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        gate = torch.sigmoid(F.linear(x[:, 1:, :self.weight.size(1)], self.weight.to(x.dtype)))  # (B, T-1, 1)
+        keep = (ids[:, 1:, None] != BOS_ID).to(x.dtype)
+        return torch.cat((x[:, :1], x[:, 1:] + self.scale.to(x.dtype) * gate * keep * x[:, :-1]), dim=1)
+
+
 class FinalNorm(nn.Module):
     """The norm before the output head; a module so GPTQ can hook the head's input."""
 
@@ -1039,6 +1074,7 @@ class GPT(nn.Module):
         project = h.embedding_dim != h.model_dim
         self.embed_proj = CastedLinear(h.embedding_dim, h.model_dim) if project else None
         self.head_proj = CastedLinear(h.model_dim, h.embedding_dim) if project else None
+        self.smear = SmearGate(h.smear_gate_dims) if h.smear_gate else None
         self.blocks = nn.ModuleList([Block(h, i) for i in range(h.num_layers)])
         self.final_norm = FinalNorm()
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.embedding_dim, h.vocab_size, zero_init=True)
@@ -1086,6 +1122,8 @@ class GPT(nn.Module):
         x = rms_norm(self.tok_emb(ids).float()).to(dtype)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
+        if self.smear is not None:
+            x = self.smear(x, ids)
         cos, sin = self._rope(ids.size(1), ids.device)
         # x0 must be a distinct tensor: torch.compile guards on aliasing (x is x0), and passing one tensor
         # twice to the first block would compile a graph just for it.
@@ -1249,15 +1287,33 @@ def fused_ce_self_check(device: torch.device, vocab_size: int, cap: float) -> st
 # Optimizer: Muon for block matrices, AdamW for embedding and control tensors, EMA
 # ================================================================================================
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Muon)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Muon), the same every step
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): a different minimax quintic for each of 5 steps, so the
+# singular values land near 1 (the fixed quintic leaves them anywhere in ~0.7-1.2); steps past the fifth reuse
+# the last. These are the values the later records use (#1787 on), with the same Frobenius normalization.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalize a batch of matrices (n, r, c) with r <= c, in bf16."""
-    a, b, c = NS_COEFFS
+def ns_schedule(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each Newton-Schulz step for MUON_NS_COEFFS=quintic | polar."""
+    if kind == "polar":
+        return tuple(POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps))
+    return (NS_COEFFS,) * steps
+
+
+def newton_schulz(G: Tensor, steps: int, schedule: tuple | None = None) -> Tensor:
+    """Approximately orthogonalize a batch of matrices (n, r, c) with r <= c, in bf16. schedule: the (a, b, c)
+    of each step (ns_schedule); None = the quintic for `steps` steps."""
+    schedule = schedule or (NS_COEFFS,) * steps
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in schedule:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
@@ -1274,10 +1330,12 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=newton_schulz):
+                 row_normalize: bool, rank: int = 0, world_size: int = 1, orthogonalize=newton_schulz,
+                 ns_coeffs: str = "quintic"):
         params = list(params)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize = backend_steps, row_normalize
+        self.ns_schedule = ns_schedule(ns_coeffs, backend_steps)
         self.orthogonalize = orthogonalize  # newton_schulz, compiled on GPU (Runtime.newton_schulz)
         self.rank, self.world_size = rank, world_size
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -1332,7 +1390,7 @@ class Muon(torch.optim.Optimizer):
                     G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 tall.append(G.size(1) > G.size(2))
                 oriented.append(G.mT if tall[-1] else G)
-            X = self.orthogonalize(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps)
+            X = self.orthogonalize(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps, self.ns_schedule)
             for (idx, start, end), G, t in zip(runs, oriented, tall):
                 U, X = X[:G.size(0)], X[G.size(0):]
                 U = U.mT if t else U
@@ -1371,7 +1429,7 @@ class Optimizers:
         self.embed = torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)], weight_decay=h.embed_wd, **adam)
         self.scalar = torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)], weight_decay=h.adam_wd, **adam)
         self.muon = Muon(groups["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd,
-                         h.muon_row_normalize, h.rank, h.world_size, model.runtime.newton_schulz)
+                         h.muon_row_normalize, h.rank, h.world_size, model.runtime.newton_schulz, h.muon_ns_coeffs)
         self.muon.param_groups[0]["base_lr"] = h.matrix_lr
         self.all = [self.embed, self.muon, self.scalar]
         if groups["head"]:
@@ -3075,7 +3133,8 @@ def load_eval_model(path: Path, h, device) -> tuple[GPT, object]:
     blob = path.read_bytes()
     parsed = parse_artifact(blob, str(path))
     meta = parsed[0]
-    config = meta["config"]
+    # Model switches added after the artifact format: an artifact made before them was made without them.
+    config = {"ATTN_GATE": False, "SMEAR_GATE": False, **meta["config"]}
     differs = [k for k, v in config.items() if k in h.explicit and getattr(h, k.lower()) != v]
     if differs:
         log(f"warning: the artifact's own {', '.join(differs)} override the environment's for evaluation")

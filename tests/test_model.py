@@ -299,9 +299,9 @@ def test_model_rope_dims_default_to_the_full_head():
 # ---------------------------------------------------------------------------------------- whole model
 
 
-@pytest.mark.parametrize("looping", [False, True])
-def test_model_is_causal(looping):
-    model = tiny_model()
+@pytest.mark.parametrize("looping,gates", [(False, False), (True, False), (True, True)])
+def test_model_is_causal(looping, gates):
+    model = tiny_model(**(dict(ATTN_GATE=1, SMEAR_GATE=1) if gates else {}))  # gates: the smear reads t-1 only
     model.looping = looping
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 96, (2, 24), generator=g)

@@ -1,0 +1,158 @@
+"""Issue 16, items 6-7 switches: Polar-Express Newton-Schulz (MUON_NS_COEFFS), the sparse attention output
+gate (ATTN_GATE) and the BOS-safe smear gate (SMEAR_GATE): what each computes, that they start as the plain
+model, stay causal, keep documents apart, train, and survive the artifact."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train_gpt as tg  # noqa: E402
+from conftest import tiny_h  # noqa: E402
+from test_model import _stream, randomize, tiny_model  # noqa: E402
+
+GATES = dict(ATTN_GATE=1, SMEAR_GATE=1, ATTN_GATE_DIMS=12, SMEAR_GATE_DIMS=12)
+
+
+# ---------------------------------------------------------------------------------------- Polar Express
+
+
+def test_ns_schedule_quintic_repeats_and_polar_steps_through_its_table():
+    assert tg.ns_schedule("quintic", 3) == (tg.NS_COEFFS,) * 3
+    polar = tg.ns_schedule("polar", 7)
+    assert polar[:5] == tg.POLAR_EXPRESS_COEFFS and polar[5:] == (tg.POLAR_EXPRESS_COEFFS[-1],) * 2
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 256), (3, 32, 48)])
+def test_polar_express_orthogonalizes_closer_to_one_than_the_quintic(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    spread = {}
+    for kind in ("quintic", "polar"):
+        X = tg.newton_schulz(G, 5, tg.ns_schedule(kind, 5)).float()
+        sv = torch.linalg.svdvals(X)
+        spread[kind] = (sv - 1).abs().mean().item()
+        cos = (X * (U @ Vh)).sum((-2, -1)) / (X.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
+        assert (cos > 0.95).all(), kind
+        assert sv.max() < 1.2, kind
+    assert spread["polar"] < spread["quintic"]  # the quintic stops at ~0.7-1.2; Polar Express lands near 1
+
+
+def test_muon_uses_the_configured_schedule():
+    seen = []
+
+    def spy(X, steps, schedule):
+        seen.append(schedule)
+        return tg.newton_schulz(X, steps, schedule)
+
+    p = torch.nn.Parameter(torch.randn(8, 16))
+    p.grad = torch.randn(8, 16)
+    opt = tg.Muon([p], lr=0.01, momentum=0.9, backend_steps=5, weight_decay=0.0, row_normalize=True,
+                  orthogonalize=spy, ns_coeffs="polar")
+    opt.step()
+    assert seen == [tg.POLAR_EXPRESS_COEFFS]
+
+
+# ---------------------------------------------------------------------------------------- attention gate
+
+
+def test_attention_gate_scales_each_heads_output_by_its_sigmoid():
+    torch.manual_seed(0)
+    gated = randomize(tg.GPT(tiny_h(ATTN_GATE=1, ATTN_GATE_DIMS=5))).blocks[0].attn
+    plain = tg.Attention(64, 4, 2, 1.0, gated.use_xsa)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
+    x, _, cos, sin = _stream(tiny_h(), T=10)
+    captured = {}
+    plain.proj.register_forward_hook(lambda m, inp, out: captured.__setitem__("y", inp[0]))
+    with torch.no_grad():
+        plain(x, cos, sin)
+        gate = torch.sigmoid(x[..., :5] @ gated.gate.T)  # (B, T, heads)
+        y = captured["y"].view(*x.shape[:2], 4, 16) * gate[..., None]
+        torch.testing.assert_close(gated(x, cos, sin), gated.proj(y.reshape(x.shape)), rtol=1e-5, atol=1e-5)
+
+
+def test_gates_start_as_the_plain_model_and_get_gradients():
+    torch.manual_seed(3)
+    plain = tg.GPT(tiny_h())
+    torch.manual_seed(3)
+    gated = tg.GPT(tiny_h(**GATES))
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # attention projections start at zero and the smear scale at 0
+        torch.testing.assert_close(gated.forward_hidden(ids), plain.forward_hidden(ids))
+    gated = randomize(gated)
+    gated(ids[:, :-1], ids[:, 1:]).backward()
+    for name, p in gated.named_parameters():
+        if "gate" in name or name.startswith("smear"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    groups = tg.partition_params(gated)
+    gate_params = {id(p) for n, p in gated.named_parameters() if "gate" in n or n.startswith("smear")}
+    assert gate_params <= {id(p) for p in groups["scalar"]}  # AdamW scalars, not Muon
+
+
+# ---------------------------------------------------------------------------------------- smear gate
+
+
+def test_smear_gate_formula_and_bos_safety():
+    smear = tg.SmearGate(3)
+    with torch.no_grad():
+        smear.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+        smear.scale.fill_(0.7)
+    x = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 9, tg.BOS_ID, 4, 4, 7]])
+    out = smear(x, ids)
+    want = x.clone()
+    for t in range(1, 6):
+        if ids[0, t] != tg.BOS_ID:
+            want[0, t] += 0.7 * torch.sigmoid(x[0, t, :3] @ smear.weight[0]) * x[0, t - 1]
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out[0, 2], x[0, 2])  # the BOS took nothing from the previous document
+
+
+def test_documents_do_not_leak_through_the_smear():
+    """With a BOS right after a changed token, the BOS's input to the first block stays the same (causality
+    with the gates on is in test_model.py's test_model_is_causal)."""
+    model = tiny_model(**GATES)
+    ids = torch.randint(5, 96, (2, 24), generator=torch.Generator().manual_seed(5))
+    t = 13
+    changed = ids.clone()
+    changed[:, t] = (ids[:, t] + 7) % 96
+    model.smear.scale.data.fill_(1.0)
+    ids[:, t + 1] = changed[:, t + 1] = tg.BOS_ID
+    x_of = {}
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: x_of.update({len(x_of): args[0]}))
+    with torch.no_grad():
+        model.forward_hidden(ids), model.forward_hidden(changed)
+    hook.remove()
+    first, second = x_of[0], x_of[1]
+    torch.testing.assert_close(first[:, t + 1], second[:, t + 1], rtol=0, atol=0)
+    assert (first[:, t] - second[:, t]).abs().amax() > 0
+
+
+# ---------------------------------------------------------------------------------------- artifact
+
+
+def test_gated_model_survives_the_artifact_and_old_configs_load_without_gates(tmp_path):
+    h = tiny_h(**GATES, QUANT_MIN_NUMEL=0)
+    torch.manual_seed(0)
+    model = randomize(tg.GPT(h))
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    qt = [tg.QuantizedTensor(n, tuple(t.shape), 16, values=t.half().numpy()) for n, t in state.items()]
+    blob = tg.serialize_artifact(qt, h.model_config(), "brotli", h.eval_config())
+    path = tmp_path / "gated.ptz"
+    path.write_bytes(blob)
+    loaded, hh = tg.load_eval_model(path, tiny_h(), torch.device("cpu"))  # gates come from the artifact, not env
+    assert hh.attn_gate and hh.smear_gate and loaded.smear is not None and loaded.blocks[0].attn.gate is not None
+    torch.testing.assert_close(loaded.smear.weight, state["smear.weight"].half().float())
+    # An artifact written before the switches existed: its config has no ATTN_GATE / SMEAR_GATE keys.
+    plain_h = tiny_h()
+    old_config = {k: v for k, v in plain_h.model_config().items() if k not in ("ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS")}
+    plain = tg.GPT(plain_h)
+    qt = [tg.QuantizedTensor(n, tuple(t.shape), 16, values=t.detach().half().numpy()) for n, t in plain.state_dict().items()]
+    path.write_bytes(tg.serialize_artifact(qt, old_config, "brotli", plain_h.eval_config()))
+    loaded, hh = tg.load_eval_model(path, tiny_h(**GATES), torch.device("cpu"))
+    assert not hh.attn_gate and not hh.smear_gate and loaded.smear is None
