@@ -145,11 +145,11 @@ def test_gated_model_survives_the_artifact_and_old_configs_load_without_gates(tm
     blob = tg.serialize_artifact(qt, h.model_config(), "brotli", h.eval_config())
     path = tmp_path / "gated.ptz"
     path.write_bytes(blob)
-    loaded, hh = tg.load_eval_model(path, tiny_h(), torch.device("cpu"))  # gates come from the artifact, not env
+    loaded, hh = tg.load_eval_model(path, tiny_h(ATTN_GATE=0, SMEAR_GATE=0), torch.device("cpu"))  # the artifact's config wins
     assert hh.attn_gate and hh.smear_gate and loaded.smear is not None and loaded.blocks[0].attn.gate is not None
     torch.testing.assert_close(loaded.smear.weight, state["smear.weight"].half().float())
     # An artifact written before the switches existed: its config has no ATTN_GATE / SMEAR_GATE keys.
-    plain_h = tiny_h()
+    plain_h = tiny_h(ATTN_GATE=0, SMEAR_GATE=0)
     old_config = {k: v for k, v in plain_h.model_config().items() if k not in ("ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS")}
     plain = tg.GPT(plain_h)
     qt = [tg.QuantizedTensor(n, tuple(t.shape), 16, values=t.detach().half().numpy()) for n, t in plain.state_dict().items()]

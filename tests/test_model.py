@@ -60,7 +60,10 @@ def test_record_model_parameter_count_and_layout():
     h = tg.Hyperparameters(environ={"PRESET": "record"}, cuda_available=True)
     torch.manual_seed(0)
     model = tg.GPT(h)
-    assert sum(p.numel() for p in model.parameters()) == 35_944_536
+    # the record's 35,944,536 (SPEC §4), plus the gates kept in issue 16: 8 x 12 per layer's attention, 12 + 1 smear
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536 + 11 * 8 * 12 + 13
+    plain = tg.GPT(tg.Hyperparameters(environ={"PRESET": "record", "ATTN_GATE": "0", "SMEAR_GATE": "0"}, cuda_available=True))
+    assert sum(p.numel() for p in plain.parameters()) == 35_944_536
     assert model.tok_emb.weight.shape == (8192, 512) and model.lm_head is None
     assert model.embed_proj is None and model.head_proj is None
     b = model.blocks[0]
@@ -176,7 +179,7 @@ def test_mlp_is_leaky_relu_half_squared():
 
 def reference_attention(attn: tg.Attention, x, cos, sin):
     """Straight from the description: per-head RMS-norm of q and k, partial RoPE, q gain, causal softmax
-    attention with GQA (query head i reads KV head i // group), XSA, output projection."""
+    attention with GQA (query head i reads KV head i // group), XSA, the output gate, output projection."""
     B, T, D = x.shape
     H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q = (x @ attn.c_q.weight.T).view(B, T, H, hd)
@@ -208,6 +211,8 @@ def reference_attention(attn: tg.Attention, x, cos, sin):
         if attn.use_xsa:
             vn = v[:, :, kv] / v[:, :, kv].norm(dim=-1, keepdim=True)
             y[:, :, head] -= (y[:, :, head] * vn).sum(-1, keepdim=True) * vn
+        if attn.gate is not None:  # ATTN_GATE: the head's output times sigmoid(w_head . x[:dims])
+            y[:, :, head] *= torch.sigmoid(x[..., :attn.gate.size(1)] @ attn.gate[head])[..., None]
     return y.reshape(B, T, D) @ attn.proj.weight.T
 
 

@@ -306,8 +306,9 @@ def test_partition_params():
                for n, p in model.named_parameters() if n in by_group["matrix"])
     assert len(by_group["matrix"]) == 4 * 6  # c_q, c_k, c_v, proj, fc, mlp.proj per block
     control = {n.split(".")[-1] for n in by_group["scalar"]}
-    assert control == {"attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates"}
-    assert len(by_group["scalar"]) == 4 * 4 + 2
+    # attn.gate (ATTN_GATE) and smear.weight / smear.scale (SMEAR_GATE) are control tensors too
+    assert control == {"attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates", "gate", "weight", "scale"}
+    assert len(by_group["scalar"]) == 4 * 5 + 2 + 2
     all_names = sorted(n for n, _ in model.named_parameters())
     assert sorted(sum(by_group.values(), [])) == all_names  # every parameter in exactly one group
 
