@@ -1,5 +1,5 @@
 """Get token shards for train_gpt.py: download the challenge's SP8192 FineWeb shards, or make shards from
-your own text.
+your own text or from the documents of existing shards.
 
   python data/prepare.py download                         # 128 train shards + val + tokenizer into ./data/
   python data/prepare.py download --train-shards 10       # a prefix of the train shards (val is always whole)
@@ -15,6 +15,12 @@ your own text.
       --val-input ../shared/corpus/docs_val.jsonl.xz \\
       --tokenizer data/case_ops/fineweb_8192_bpe.model --case-ops --out ./data_case
 
+  # FineWeb with case operators: its documents come only as SP8192 shards, so decode them and make new ones
+  # (a case-op tokenizer trained on the train documents; val keeps the same documents in the same order):
+  python data/prepare.py download
+  python data/prepare.py text --input-shards ./data/datasets/fineweb10B_sp8192 \\
+      --input-tokenizer ./data/tokenizers/fineweb_8192_bpe.model --train-tokenizer --case-ops --out ./data_case
+
   # your own text, with a tokenizer trained here with the challenge's SentencePiece settings:
   python data/prepare.py text --input my_docs/ --val-docs 1000 --train-tokenizer --out ./data_mine
   python data/prepare.py text --input my_docs/ --val-frac 0.03 --train-tokenizer --out ./data_mine  # the first 3 %
@@ -22,7 +28,9 @@ your own text.
 Inputs of `text`: `.jsonl`, `.jsonl.gz`, `.jsonl.xz` (one JSON object per line with a "text" field; an
 optional "source" field can be selected with --source) and `.txt` (each file is one document). A folder
 stands for the supported files under it, in sorted order. Documents are written in input order, each as
-[BOS=1] + ids (no EOS); documents with no visible characters are skipped and counted.
+[BOS=1] + ids (no EOS); documents with no visible characters are skipped and counted. Or `--input-shards DIR`:
+the documents of the challenge shards in DIR (val from fineweb_val_*.bin, train from fineweb_train_*.bin, each
+stream cut at BOS), decoded with `--input-tokenizer MODEL`, the model they were made with; none is skipped.
 
 Output: OUT/datasets/fineweb10B_sp{V}/fineweb_{val,train}_NNNNNN.bin (challenge shard format),
 OUT/datasets/fineweb10B_sp{V}/manifest.json (counts, tokenizer hash and settings, the command) and
@@ -60,7 +68,8 @@ import sentencepiece as spm
 REPO_DIR = Path(__file__).resolve().parent.parent
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
-from train_gpt import CASE_MARKERS, DataError, atomic_write_bytes, read_shard_header, write_shard  # noqa: E402
+from train_gpt import (CASE_MARKERS, SHARD_HEADER_BYTES, DataError, atomic_write_bytes, read_shard_header,  # noqa: E402
+                       write_shard)
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"
 BOS_ID = 1
@@ -110,6 +119,38 @@ class Progress:
         self.update(text, force=True)
         if self.tty:
             sys.stderr.write("\n")
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """fn(item) for each item on a pool of `workers` threads, yielded in input order. Items are pulled only to
+    keep 2 * workers jobs in flight, so a long input streams; closing the generator cancels the jobs not
+    started."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight: deque = deque()
+        try:
+            for item in items:
+                in_flight.append(pool.submit(fn, item))
+                if len(in_flight) >= 2 * workers:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for job in in_flight:
+                job.cancel()
+
+
+def batches(items: Iterable, size: Callable, limit: int) -> Iterator[list]:
+    """items in consecutive lists whose size(item) adds up to at least limit (the last one less)."""
+    batch, total = [], 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= limit:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
 
 
 # ================================================================================================
@@ -338,6 +379,95 @@ def read_documents(files: list[Path], sources: set[str] | None = None) -> Iterat
 
 
 # ================================================================================================
+# Reading documents from challenge shards (--input-shards): the token stream cut at each BOS, decoded
+# ================================================================================================
+
+SHARD_CHUNK_TOKENS = 1 << 22  # tokens read from a shard at a time (8 MB): memory stays flat for 100M-token shards
+DECODE_BATCH_TOKENS = 1 << 18  # tokens per decoding job, about 1 MB of text
+INPUT_TOKENIZER_FIX = ("give --input-tokenizer the SentencePiece model the shards were made with (for the challenge's "
+                       "FineWeb shards: ./data/tokenizers/fineweb_8192_bpe.model, which `python data/prepare.py download` fetches)")
+
+
+def shard_splits(folder: str | Path) -> dict[str, list[Path]]:
+    """The val and train shards of a dataset folder, each in file order."""
+    folder = Path(folder)
+    example = "e.g. ./data/datasets/fineweb10B_sp8192 after `python data/prepare.py download`"
+    if not folder.is_dir():
+        raise DataError(f"--input-shards {folder} is not a folder; give the folder that holds fineweb_train_*.bin and "
+                        f"fineweb_val_*.bin, {example}")
+    found = {split: sorted(folder.glob(f"fineweb_{split}_*.bin")) for split in ("val", "train")}
+    for split, files in found.items():
+        if not files:
+            inner = sorted(folder.glob("datasets/fineweb10B_sp*"))
+            raise DataError(f"--input-shards {folder} holds no fineweb_{split}_*.bin shards; give the folder that holds "
+                            + (f"them: {inner[0]}?" if inner else f"both train and val shards, {example}"))
+    return found
+
+
+def check_input_tokenizer(folder: Path, tok: Tokenizer) -> None:
+    """Refuse a tokenizer that cannot be the one the shards were made with: its size must be the one in the
+    folder's name (fineweb10B_sp{V}) and its hash the one in the folder's manifest.json, where they say."""
+    named = re.fullmatch(r"fineweb10B_sp(\d+)", folder.resolve().name)
+    if named and int(named[1]) != tok.vocab_size:
+        raise DataError(f"the shards in {folder} are for a {named[1]}-piece tokenizer (the folder's name says so) but "
+                        f"--input-tokenizer {tok.source} has {tok.vocab_size} pieces; {INPUT_TOKENIZER_FIX}")
+    try:
+        made_with = json.loads((folder / "manifest.json").read_text())["tokenizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made_with = None  # the challenge's download keeps no manifest in the dataset folder
+    if made_with and made_with != tok.sha256:
+        raise DataError(f"{folder / 'manifest.json'} says its shards were made with the tokenizer of sha256 "
+                        f"{made_with[:16]}..., but --input-tokenizer {tok.source} is {tok.sha256[:16]}...; {INPUT_TOKENIZER_FIX}")
+    if tok.sp.bos_id() != BOS_ID:
+        raise DataError(f"--input-tokenizer {tok.source} has BOS id {tok.sp.bos_id()}; challenge shards start each "
+                        f"document with BOS = {BOS_ID}; {INPUT_TOKENIZER_FIX}")
+
+
+def _shard_token_documents(files: list[Path], tok: Tokenizer) -> Iterator[tuple[str, np.ndarray]]:
+    """(where, ids after the BOS) of each document of a split's token stream, in order. A document may run on
+    from one shard into the next; only a chunk of a shard is in memory at a time."""
+    where, pending, count = None, [], 0  # the document being read: its label and its ids so far
+    for path in files:
+        n = read_shard_header(path)
+        if not n:
+            continue
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+        for start in range(0, n, SHARD_CHUNK_TOKENS):
+            chunk = np.array(tokens[start:start + SHARD_CHUNK_TOKENS])  # a copy: the map closes after the shard
+            if where is None and chunk[0] != BOS_ID:
+                raise DataError(f"{path}: the token stream starts with id {int(chunk[0])}, not BOS = {BOS_ID}, so its first "
+                                "document has no start; challenge shards hold each document as [BOS] + ids. Give the folder "
+                                f"with every shard of the split from {files[0].name.rsplit('_', 1)[0]}_000000.bin on, as "
+                                "`python data/prepare.py download` or `text` writes them")
+            if int(chunk.max()) >= tok.vocab_size:
+                pos = int(np.argmax(chunk >= tok.vocab_size))
+                raise DataError(f"{path}: token {start + pos} is id {int(chunk[pos])}, outside the {tok.vocab_size} pieces "
+                                f"of --input-tokenizer {tok.source}, so the shards were made with another one; {INPUT_TOKENIZER_FIX}")
+            cuts = np.flatnonzero(chunk == BOS_ID).tolist()
+            pending.append(chunk[:cuts[0] if cuts else chunk.size])
+            for a, b in zip(cuts, cuts[1:] + [chunk.size]):
+                if where is not None:
+                    yield where, np.concatenate(pending)
+                where, pending, count = f"{path}: document {count + 1} (token {start + a})", [chunk[a + 1:b]], count + 1
+        del tokens
+    if where is not None:
+        yield where, np.concatenate(pending)
+
+
+def _decode_job(sp: spm.SentencePieceProcessor, batch: list[tuple[str, np.ndarray]]) -> list[Doc]:
+    texts = sp.decode([ids.tolist() for _, ids in batch])
+    # Never skipped, even when empty: the output keeps exactly the input's documents.
+    return [Doc(text, len(text.encode("utf-8")), where) for (where, _), text in zip(batch, texts)]
+
+
+def shard_documents(files: list[Path], tok: Tokenizer, workers: int) -> Iterator[Doc]:
+    """Every document of a split's shards, in order, decoded to text on a thread pool."""
+    jobs = batches(_shard_token_documents(files, tok), lambda doc: doc[1].size + 1, DECODE_BATCH_TOKENS)
+    for docs in ordered_map(functools.partial(_decode_job, tok.sp), jobs, workers):
+        yield from docs
+
+
+# ================================================================================================
 # Case operators (--case-ops): lossless lower-casing, so that "The", "the" and "THE" share pieces
 # ================================================================================================
 
@@ -444,18 +574,6 @@ def encode_batch(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[list[
     return sp.encode(texts, add_bos=True, num_threads=1)
 
 
-def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += doc.nbytes
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _encode_job(sp: spm.SentencePieceProcessor, batch: list[Doc]) -> tuple[list[Doc], np.ndarray, np.ndarray]:
     """Tokens of the batch's documents concatenated, and each document's length (0 for skipped ones)."""
     keep = [i for i, doc in enumerate(batch) if doc.text is not None]
@@ -506,42 +624,31 @@ def convert_split(split: str, docs: Iterable[Doc], tok: Tokenizer, writer: Shard
     stats = {"documents": 0, "empty_documents_skipped": 0, "tokens": 0, "text_bytes": 0}
     vocab = tok.vocab_size
     start = time.monotonic()
-    batches = _batches(docs)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        in_flight: deque = deque()
-        try:
-            while True:
-                while len(in_flight) < 2 * workers:  # keep the pool fed while this thread reads ahead
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    in_flight.append(pool.submit(_encode_job, tok.sp, batch))
-                if not in_flight:
-                    break
-                batch, lengths, flat = in_flight.popleft().result()
-                if flat.size and (flat.max() >= vocab or flat.min() < 0):
-                    pos = int(np.argmax((flat >= vocab) | (flat < 0)))
-                    doc = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
-                    raise DataError(f"{batch[doc].where}: the tokenizer produced id {int(flat[pos])}, outside its vocabulary "
-                                    f"of {vocab}; the tokenizer {tok.source} is inconsistent, retrain or replace it")
-                keep = len(batch)
-                if max_tokens:
-                    keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - stats["tokens"], side="right"))
-                n_tokens = int(lengths[:keep].sum())
-                writer.add(flat[:n_tokens].astype(np.uint16))
-                written = sum(1 for doc in batch[:keep] if doc.text is not None)
-                stats["documents"] += written
-                stats["empty_documents_skipped"] += keep - written
-                stats["tokens"] += n_tokens
-                stats["text_bytes"] += sum(doc.nbytes for doc in batch[:keep])
-                rate = stats["text_bytes"] / 1e6 / max(time.monotonic() - start, 1e-9)
-                progress.update(f"[{split}] {stats['documents']:,} docs, {stats['text_bytes'] / 1e6:,.1f} MB of text, "
-                                f"{stats['tokens']:,} tokens ({rate:.1f} MB/s)")
-                if keep < len(batch):
-                    break  # the token cap is reached
-        finally:
-            for job in in_flight:
-                job.cancel()
+    jobs = ordered_map(functools.partial(_encode_job, tok.sp), batches(docs, lambda doc: doc.nbytes, BATCH_BYTES), workers)
+    try:
+        for batch, lengths, flat in jobs:
+            if flat.size and (flat.max() >= vocab or flat.min() < 0):
+                pos = int(np.argmax((flat >= vocab) | (flat < 0)))
+                doc = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+                raise DataError(f"{batch[doc].where}: the tokenizer produced id {int(flat[pos])}, outside its vocabulary "
+                                f"of {vocab}; the tokenizer {tok.source} is inconsistent, retrain or replace it")
+            keep = len(batch)
+            if max_tokens:
+                keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - stats["tokens"], side="right"))
+            n_tokens = int(lengths[:keep].sum())
+            writer.add(flat[:n_tokens].astype(np.uint16))
+            written = sum(1 for doc in batch[:keep] if doc.text is not None)
+            stats["documents"] += written
+            stats["empty_documents_skipped"] += keep - written
+            stats["tokens"] += n_tokens
+            stats["text_bytes"] += sum(doc.nbytes for doc in batch[:keep])
+            rate = stats["text_bytes"] / 1e6 / max(time.monotonic() - start, 1e-9)
+            progress.update(f"[{split}] {stats['documents']:,} docs, {stats['text_bytes'] / 1e6:,.1f} MB of text, "
+                            f"{stats['tokens']:,} tokens ({rate:.1f} MB/s)")
+            if keep < len(batch):
+                break  # the token cap is reached
+    finally:
+        jobs.close()  # stops the pool before the shards are closed
     writer.close()
     progress.done(f"[{split}] {stats['documents']:,} docs, {stats['tokens']:,} tokens in {len(writer.shards)} shard(s), "
                   f"{time.monotonic() - start:.1f} s")
@@ -613,7 +720,19 @@ def validation_count(args: argparse.Namespace, train_files: list[Path], sources:
 
 
 def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
-    if sum(x is not None for x in (args.val_input, args.val_docs, args.val_frac)) != 1:
+    shards = args.input_shards is not None
+    if shards:
+        given = [f"--{name.replace('_', '-')}" for name in ("val_input", "val_docs", "val_frac", "source")
+                 if getattr(args, name) is not None]
+        if given:
+            raise DataError(f"--input-shards takes val from the fineweb_val_*.bin shards and train from fineweb_train_*.bin, "
+                            f"every document of each; drop {' and '.join(given)}")
+        if args.input_tokenizer is None:
+            raise DataError("--input-shards needs --input-tokenizer MODEL, the SentencePiece model the shards were made with "
+                            "(for the challenge's FineWeb shards: ./data/tokenizers/fineweb_8192_bpe.model)")
+    elif args.input_tokenizer is not None:
+        raise DataError("--input-tokenizer is the tokenizer of --input-shards; text inputs (--input) need none")
+    elif sum(x is not None for x in (args.val_input, args.val_docs, args.val_frac)) != 1:
         raise DataError("give the validation documents in one way: --val-input FILE, --val-docs N (the first N "
                         "documents) or --val-frac F (the first fraction F of the documents)")
     for name in ("shard_tokens", "workers", "vocab_size", "tokenizer_train_bytes"):
@@ -622,26 +741,43 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
     for name in ("val_docs", "max_train_tokens", "max_val_tokens"):
         if (getattr(args, name) or 0) < 0:
             raise DataError(f"--{name.replace('_', '-')} must not be negative")
-    train_files = input_files(args.input)
-    val_files = input_files(args.val_input) if args.val_input else None
-    sources = set(args.source) if args.source else None
-    if sources and any(f.name.endswith(".txt") for f in train_files + (val_files or [])):
-        raise DataError("--source selects jsonl records by their \"source\" field; .txt inputs have none")
-    val_count = None if val_files is not None else validation_count(args, train_files, sources)
 
-    # Fresh readers each time, so that a token cap on val cannot shift where train starts. Case ops apply
-    # after the split: val holds the same documents with or without them.
+    # Fresh readers each time, so that a token cap on val cannot shift where train starts.
+    read: dict[str, Callable[[], Iterator[Doc]]]
+    if shards:
+        shard_dir = Path(args.input_shards)
+        split_files = shard_splits(shard_dir)
+        if shard_dir.resolve().parent == (Path(args.out) / "datasets").resolve():
+            raise DataError(f"--out {args.out} is where the input shards live ({shard_dir}); the output would replace them "
+                            "or their tokenizer, choose another --out (e.g. ./data_case)")
+        input_tok = load_tokenizer(args.input_tokenizer)
+        check_input_tokenizer(shard_dir, input_tok)
+        read = {split: functools.partial(shard_documents, files, input_tok, args.workers) for split, files in split_files.items()}
+        inputs = {split: f"{shard_dir / f'fineweb_{split}_*.bin'} ({len(files)} shard(s))" for split, files in split_files.items()}
+        inputs["tokenizer"] = {"file": args.input_tokenizer, "sha256": input_tok.sha256}
+    else:
+        train_files = input_files(args.input)
+        val_files = input_files(args.val_input) if args.val_input else None
+        sources = set(args.source) if args.source else None
+        if sources and any(f.name.endswith(".txt") for f in train_files + (val_files or [])):
+            raise DataError("--source selects jsonl records by their \"source\" field; .txt inputs have none")
+        if val_files is not None:
+            read = {"val": lambda: read_documents(val_files, sources), "train": lambda: read_documents(train_files, sources)}
+            inputs = {"train": args.input, "val": args.val_input}
+        else:
+            val_count = validation_count(args, train_files, sources)
+            read = {"val": lambda: itertools.islice(read_documents(train_files, sources), val_count),
+                    "train": lambda: itertools.islice(read_documents(train_files, sources), val_count, None)}
+            inputs = {"train": args.input, "val": f"the first {val_count} documents of the train inputs"}
+
+    # Case ops apply after the split: val holds the same documents with or without them.
     transform = case_documents if args.case_ops else iter
 
     def val_docs() -> Iterator[Doc]:
-        if val_files is not None:
-            return transform(read_documents(val_files, sources))
-        return transform(itertools.islice(read_documents(train_files, sources), val_count))
+        return transform(read["val"]())
 
     def train_docs() -> Iterator[Doc]:
-        if val_files is not None:
-            return transform(read_documents(train_files, sources))
-        return transform(itertools.islice(read_documents(train_files, sources), val_count, None))
+        return transform(read["train"]())
 
     if args.train_tokenizer:
         vocab = args.vocab_size or CHALLENGE_TOKENIZER["vocab_size"]
@@ -688,8 +824,8 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
             "format": "challenge shards: 256 little-endian int32 header (20240520, 1, n_tokens) + n_tokens uint16 ids; "
                       "each document is [BOS=1] + ids, no EOS",
             "command": "python data/prepare.py " + shlex.join(argv),
-            "inputs": {"train": args.input, "val": args.val_input or f"the first {val_count} documents of the train inputs"},
-            "options": {"val_docs": args.val_docs, "val_frac": args.val_frac, "source": sorted(sources) if sources else None,
+            "inputs": inputs,
+            "options": {"val_docs": args.val_docs, "val_frac": args.val_frac, "source": sorted(set(args.source)) if args.source else None,
                         "shard_tokens": args.shard_tokens, "max_train_tokens": args.max_train_tokens,
                         "max_val_tokens": args.max_val_tokens},
             "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "source": tok.source, "sha256": tok.sha256,
@@ -846,8 +982,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"Hugging Face dataset repo (default {DEFAULT_REPO_ID})")
     d.add_argument("--mirror", metavar="DIR", help="copy from a local folder laid out like the repo instead of the network")
 
-    t = commands.add_parser("text", help="tokenize your own documents into challenge shards")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl[.gz|.xz] or .txt files, or folders of them")
+    t = commands.add_parser("text", help="tokenize your own documents, or those of existing shards, into challenge shards")
+    given = t.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", nargs="+", metavar="PATH", help=".jsonl[.gz|.xz] or .txt files, or folders of them")
+    given.add_argument("--input-shards", metavar="DIR", help="or: the documents of the challenge shards in DIR (val from "
+                       "fineweb_val_*.bin, train from fineweb_train_*.bin), decoded with --input-tokenizer")
+    t.add_argument("--input-tokenizer", metavar="MODEL", help="the SentencePiece .model the --input-shards were made with")
     t.add_argument("--val-input", nargs="+", metavar="PATH", help="validation documents (all of them, in file order)")
     t.add_argument("--val-docs", type=int, metavar="N", help="or: the first N documents of --input are validation")
     t.add_argument("--val-frac", type=float, metavar="F", help="or: the first fraction F of the documents of --input (0.03 = 3 %%)")

@@ -46,6 +46,24 @@ def sample_texts(n_docs: int) -> list[str]:
     return [sp.decode(tokens[a + 1:b].tolist()) for a, b in zip(bos[:-1], bos[1:])][:n_docs]
 
 
+SAMPLE_DATASET = REPO / "data" / "sample" / "datasets" / "fineweb10B_sp8192"
+
+
+def sample_stream(split: str, n_docs: int) -> np.ndarray:
+    """The first n_docs documents of the bundled sample's split as one token stream ([BOS] + ids each)."""
+    tokens = np.concatenate([tg.read_shard(p) for p in sorted(SAMPLE_DATASET.glob(f"fineweb_{split}_*.bin"))])
+    starts = np.flatnonzero(tokens == 1).tolist() + [tokens.size]
+    return tokens[:starts[min(n_docs, len(starts) - 1)]]
+
+
+def write_split(folder: Path, split: str, tokens: np.ndarray, shard_tokens: int) -> Path:
+    """tokens as fineweb_{split}_NNNNNN.bin shards of shard_tokens each: documents run on across shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, tokens.size, shard_tokens)):
+        tg.write_shard(folder / f"fineweb_{split}_{i:06d}.bin", tokens[start:start + shard_tokens])
+    return folder
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs train_gpt.py (or data/prepare.py) as a whole process, or checks a whole corpus split; "
                                        "`-m \"not slow\"` skips these for a quick check")

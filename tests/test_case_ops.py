@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import SP8192, corpus_texts
+from conftest import SP8192, corpus_texts, sample_stream, write_split
 
 import train_gpt as tg
 
@@ -223,6 +223,66 @@ def test_prepare_case_ops_refuses_a_tokenizer_without_markers_and_a_text_with_th
     assert prepare.main(args + ["--train-tokenizer", "--vocab-size", "300"]) == 2
     assert "d.jsonl:5: the text holds the character U+E000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ================================================================================================
+# prepare.py text --input-shards --case-ops: the documents of challenge shards (FineWeb's only form)
+# ================================================================================================
+
+SAMPLE_TOKENIZER = REPO / "data/sample/tokenizers/fineweb_8192_bpe.model"
+CASE_TOKENIZER = REPO / "data/case_ops/fineweb_8192_bpe.model"
+
+
+def per_document(stream: np.ndarray, sp: spm.SentencePieceProcessor, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Each document's ids (after its BOS) and the bytes train_gpt.py counts for them."""
+    counted = tg.count_target_bytes(stream, tg.build_byte_luts(sp, vocab))
+    starts = np.flatnonzero(stream == 1).tolist() + [stream.size]
+    return ([stream[a + 1:b].tolist() for a, b in zip(starts, starts[1:])],
+            [int(counted[a:b].sum()) for a, b in zip(starts, starts[1:])])
+
+
+def test_case_ops_from_shards_keep_every_val_documents_counted_bytes(tmp_path):
+    """The sample's shards (documents running on across shards) through case ops with the committed case-op
+    tokenizer: the same val documents in the same order, and for each one the bytes train_gpt.py counts on the
+    output are the UTF-8 length of the text decoded from the input, which is also the count on the input. So
+    val_bpb's denominator does not move."""
+    val, train = sample_stream("val", 27), sample_stream("train", 25)
+    src = write_split(write_split(tmp_path / "in" / "fineweb10B_sp8192", "val", val, 9000), "train", train, 9000)
+    out = tmp_path / "out"
+    assert prepare.main(["text", "--input-shards", str(src), "--input-tokenizer", str(SAMPLE_TOKENIZER), "--tokenizer",
+                         str(CASE_TOKENIZER), "--case-ops", "--workers", "2", "--out", str(out)]) == 0
+    plain, case = (spm.SentencePieceProcessor(model_file=str(m)) for m in (SAMPLE_TOKENIZER, CASE_TOKENIZER))
+    manifest = json.loads((out / "datasets/fineweb10B_sp8192/manifest.json").read_text())
+    for split, stream in (("val", val), ("train", train)):
+        in_docs, in_bytes = per_document(stream.astype(np.int64), plain, 8192)
+        out_stream, out_docs = split_docs(out, split, 8192)
+        _, out_bytes = per_document(out_stream, case, 8192)
+        texts = [plain.decode(d) for d in in_docs]
+        assert [decode(case.decode(d)) for d in out_docs] == texts  # the same documents, in order
+        assert out_bytes == [len(t.encode()) for t in texts] == in_bytes
+        assert manifest["splits"][split]["text_bytes"] == sum(in_bytes)
+    assert len(in_docs) == 25 and manifest["splits"]["val"]["documents"] == 27
+    assert int(np.isin(out_stream, manifest["case_ops"]["ids"]).sum()) > 1000  # the markers are there, and count 0
+
+
+def test_case_tokenizer_is_trained_on_the_train_shards_only(tmp_path):
+    train_texts = make_texts(120, seed=5, extra=["wombat"] * 6)
+    val_texts = make_texts(12, seed=6, extra=["quokka"] * 6)
+    made = tmp_path / "made"  # challenge shards of these texts, made with the sample's tokenizer
+    assert prepare.main(["text", "--input", str(write_jsonl(tmp_path / "train.jsonl", train_texts)), "--val-input",
+                         str(write_jsonl(tmp_path / "val.jsonl", val_texts)), "--tokenizer", str(SAMPLE_TOKENIZER),
+                         "--shard-tokens", "1500", "--out", str(made)]) == 0
+    out = tmp_path / "out"
+    assert prepare.main(["text", "--input-shards", str(made / "datasets/fineweb10B_sp8192"), "--input-tokenizer",
+                         str(SAMPLE_TOKENIZER), "--train-tokenizer", "--vocab-size", "400", "--case-ops",
+                         "--workers", "2", "--out", str(out)]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizers/fineweb_400_bpe.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert "▁wombat" in pieces and not any("quokka" in p for p in pieces)
+    for split, texts in (("val", val_texts), ("train", train_texts)):
+        stream, docs = split_docs(out, split, 400)
+        assert [decode(sp.decode(d)) for d in docs] == texts
+        assert per_document(stream, sp, 400)[1] == [len(t.encode()) for t in texts]
 
 
 def test_byte_luts_count_marker_pieces_as_zero_and_not_as_a_boundary():

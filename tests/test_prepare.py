@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from conftest import sample_stream, write_split
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt  # noqa: E402
@@ -319,6 +321,89 @@ def test_cli_prints_error_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "download" in done.stdout and "text" in done.stdout
+
+
+# ================================================================================================
+# Documents from challenge shards (--input-shards)
+# ================================================================================================
+
+
+def test_input_shards_with_their_own_tokenizer_reproduce_the_shards(tmp_path, monkeypatch):
+    """Decoded and encoded again with the tokenizer they were made with, shards come out byte for byte: every
+    document is found (also one that runs on into the next shard or chunk, and an empty one) and none changes."""
+    val, train = sample_stream("val", 27), sample_stream("train", 40)
+    second = np.flatnonzero(val == 1)[1]
+    val = np.concatenate([val[:second], [1], val[second:]])  # an empty document: [BOS] alone
+    src = write_split(write_split(tmp_path / "in", "val", val, 7000), "train", train, 20000)
+    monkeypatch.setattr(prepare, "SHARD_CHUNK_TOKENS", 1500)  # documents cut by chunks too
+    monkeypatch.setattr(prepare, "DECODE_BATCH_TOKENS", 4000)
+    out = tmp_path / "out"
+    assert run(["text", "--input-shards", src, "--input-tokenizer", SAMPLE_TOKENIZER, "--tokenizer", SAMPLE_TOKENIZER,
+                "--shard-tokens", 7000, "--workers", 2, "--out", out]) == 0
+    assert [p.read_bytes() for p in shards_of(out, "val")] == [p.read_bytes() for p in sorted(src.glob("fineweb_val_*"))]
+    assert np.array_equal(split_tokens(out, "train"), train)
+    manifest = json.loads((out / "datasets/fineweb10B_sp8192/manifest.json").read_text())
+    assert manifest["splits"]["val"]["documents"] == 28 and manifest["splits"]["train"]["documents"] == 40
+    assert manifest["inputs"]["tokenizer"]["sha256"] == prepare.load_tokenizer(SAMPLE_TOKENIZER).sha256
+    assert manifest["inputs"]["val"].endswith("fineweb_val_*.bin (8 shard(s))")
+
+
+def _stream_without_bos(d):
+    write_split(d / "fineweb10B_sp8192", "val", sample_stream("val", 3)[1:], 4000)  # the split's first BOS is missing
+    write_split(d / "fineweb10B_sp8192", "train", sample_stream("train", 3), 4000)
+    return d / "fineweb10B_sp8192", [], ["fineweb_val_000000.bin: the token stream starts with id", "fineweb_val_000000.bin on"]
+
+
+def _tokenizer_size_mismatch(d):
+    shutil.copytree(SAMPLE / "datasets/fineweb10B_sp8192", d / "fineweb10B_sp1024")
+    return d / "fineweb10B_sp1024", [], ["are for a 1024-piece tokenizer (the folder's name says so)", "give --input-tokenizer the SentencePiece model the shards were made with"]
+
+
+def _tokenizer_hash_mismatch(d):
+    shutil.copytree(SAMPLE / "datasets/fineweb10B_sp8192", d / "shards")
+    (d / "shards/manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "0" * 64}}))
+    return d / "shards", [], ["says its shards were made with the tokenizer of sha256 0000000000000000...", "give --input-tokenizer the SentencePiece model the shards were made with"]
+
+
+def _id_outside_the_vocabulary(d):
+    write_split(d / "shards", "val", sample_stream("val", 3), 4000)
+    write_split(d / "shards", "train", np.array([1, 20, 30, 1, 9000, 40], dtype=np.uint16), 4000)
+    return d / "shards", [], ["fineweb_train_000000.bin: token 4 is id 9000, outside the 8192 pieces", "give --input-tokenizer the SentencePiece model the shards were made with"]
+
+
+def _no_val_shards(d):
+    write_split(d / "shards", "train", sample_stream("train", 3), 4000)
+    return d / "shards", [], ["holds no fineweb_val_*.bin shards"]
+
+
+def _val_docs_given(d):
+    return SAMPLE / "datasets/fineweb10B_sp8192", ["--val-docs", 5], ["takes val from the fineweb_val_*.bin shards", "drop --val-docs"]
+
+
+def _out_is_the_input(d):
+    shutil.copytree(SAMPLE, d / "data")
+    return d / "data/datasets/fineweb10B_sp8192", ["--out", d / "data"], ["is where the input shards live", "choose another --out"]
+
+
+@pytest.mark.parametrize("case", [_stream_without_bos, _tokenizer_size_mismatch, _tokenizer_hash_mismatch,
+                                  _id_outside_the_vocabulary, _no_val_shards, _val_docs_given, _out_is_the_input])
+def test_bad_input_shards_say_how_to_fix_them_and_leave_nothing(tmp_path, capsys, case):
+    folder, extra, messages = case(tmp_path)
+    before = all_files(tmp_path)
+    status = run(["text", "--input-shards", folder, "--input-tokenizer", SAMPLE_TOKENIZER, "--tokenizer", SAMPLE_TOKENIZER,
+                  "--out", tmp_path / "out", *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and "error: " in err and all(m in err for m in messages), err
+    assert all_files(tmp_path) == before  # no output folder, no staging shard, input untouched
+
+
+def test_input_shards_need_their_tokenizer(tmp_path, capsys):
+    args = ["text", "--input-shards", SAMPLE / "datasets/fineweb10B_sp8192", "--tokenizer", SAMPLE_TOKENIZER, "--out", tmp_path]
+    assert run(args) == 2
+    assert "--input-shards needs --input-tokenizer MODEL" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one input or the other
+        run(args + ["--input", tmp_path])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # ================================================================================================
