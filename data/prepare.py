@@ -46,17 +46,19 @@ import io
 import itertools
 import json
 import lzma
+import multiprocessing
 import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import sys
 import time
 import unicodedata
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -121,12 +123,24 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn(item) for each item on a pool of `workers` threads, yielded in input order. Items are pulled only to
-    keep 2 * workers jobs in flight, so a long input streams; closing the generator cancels the jobs not
-    started."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, processes: bool = False) -> Iterator:
+    """fn(item) for each item on a pool of `workers` threads (or processes, for work that holds the GIL), yielded
+    in input order. Items are pulled only to keep 2 * workers jobs in flight, so a long input streams; closing the
+    generator cancels the jobs not started and waits for the running ones, so no worker outlives it.
+
+    Processes are forked: they inherit the loaded modules (fn and its items travel by pickle, fn by name) without
+    importing anything again. They are all started before the first item is pulled, so before that pull starts
+    the threads of earlier stages: a fork while other threads hold locks can deadlock the child."""
     items = iter(items)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_sigint)
+            if processes else ThreadPoolExecutor(workers))
+    with pool:
+        if processes:
+            pool.submit(int).result()  # forks every worker now (the first job does that), before any item is pulled
         in_flight: deque = deque()
         try:
             for item in items:
@@ -549,16 +563,36 @@ def case_decode(text: str) -> str:
     return _case_tables()[1].sub(_case_restore, text)
 
 
-def case_documents(docs: Iterable[Doc]) -> Iterator[Doc]:
-    """docs with case_encode applied; nbytes stays the UTF-8 length of the original text."""
-    for doc in docs:
-        if doc.text is None:
-            yield doc
-            continue
+CASE_BATCH_BYTES = 4 << 20  # text per case-op job: pickling it to a worker and back costs ~3 % of the regex work
+
+
+def _case_job(batch: list[Doc]) -> list[Doc]:
+    """The batch with case_encode applied to each text; a refused text raises DataError naming its document."""
+    out = []
+    for doc in batch:
         try:
-            yield doc._replace(text=case_encode(doc.text))
+            out.append(doc if doc.text is None else doc._replace(text=case_encode(doc.text)))
         except ValueError as e:
             raise DataError(f"{doc.where}: {e}") from None
+    return out
+
+
+def case_documents(docs: Iterable[Doc], workers: int = 1) -> Iterator[Doc]:
+    """docs with case_encode applied, in order; nbytes stays the UTF-8 length of the original text. case_encode
+    is pure Python regex work that holds the GIL, so with workers > 1 batches of documents go to that many
+    processes (one core each); with 1 it runs here. The output does not depend on the number of workers."""
+    jobs = batches(docs, lambda doc: doc.nbytes, CASE_BATCH_BYTES)
+    if workers > 1:
+        _case_tables()  # built once here, inherited by the forked workers
+        jobs = ordered_map(_case_job, jobs, workers, processes=True)
+    else:
+        jobs = map(_case_job, jobs)
+    try:
+        for batch in jobs:
+            yield from batch
+    finally:
+        if workers > 1:
+            jobs.close()  # stops the pool now, not when the generator is collected
 
 
 # ================================================================================================
@@ -771,7 +805,7 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
             inputs = {"train": args.input, "val": f"the first {val_count} documents of the train inputs"}
 
     # Case ops apply after the split: val holds the same documents with or without them.
-    transform = case_documents if args.case_ops else iter
+    transform = functools.partial(case_documents, workers=args.workers) if args.case_ops else iter
 
     def val_docs() -> Iterator[Doc]:
         return transform(read["val"]())
@@ -786,7 +820,10 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"training a {vocab}-piece tokenizer on up to {args.tokenizer_train_bytes / 1e6:g} MB of train text"
               + (" with case ops" if args.case_ops else ""), file=sys.stderr)
         texts = (doc.text for doc in train_docs() if doc.text is not None)
-        proto = train_tokenizer(texts, vocab, args.tokenizer_train_bytes, args.workers, CASE_MARKERS if args.case_ops else ())
+        try:
+            proto = train_tokenizer(texts, vocab, args.tokenizer_train_bytes, args.workers, CASE_MARKERS if args.case_ops else ())
+        finally:
+            texts.close()  # training reads only a prefix: stop the readers and case-op workers now, not at exit
         tok = tokenizer_from_proto(proto, "trained by data/prepare.py")
     else:
         tok = load_tokenizer(args.tokenizer)
@@ -1002,7 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100,000,000)")
     t.add_argument("--max-train-tokens", type=int, default=0, help="stop train before the document that would pass this (0: no cap)")
     t.add_argument("--max-val-tokens", type=int, default=0, help="the same for val (0: no cap)")
-    t.add_argument("--workers", type=int, default=default_workers(), help="encoding threads (default: all cores)")
+    t.add_argument("--workers", type=int, default=default_workers(), help="encoding threads, and with --case-ops as many "
+                   "processes for the case transform (default: all cores)")
     t.add_argument("--out", required=True, metavar="DIR", help="output root; train_gpt.py then runs with DATA_DIR=DIR")
     return parser
 

@@ -27,6 +27,17 @@ CORPUS = REPO.parent / "shared" / "corpus"  # ../shared beside the checkout, as 
 SP8192 = CORPUS / "tokenizer" / "sp8192.model"
 
 
+def load_prepare():
+    """data/prepare.py as the module `prepare`, loaded once for every test file: its case-op worker processes
+    get their job function by pickle, by name, which must lead back to the same module object."""
+    if "prepare" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("prepare", REPO / "data" / "prepare.py")
+        sys.modules["prepare"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["prepare"])
+    return sys.modules["prepare"]
+
+
 def corpus_texts(split: str, n_docs: int | None) -> list[str]:
     """Texts of the first n_docs (None: all) documents of the proxy corpus's docs_{split}.jsonl.xz; skips the
     test without it."""

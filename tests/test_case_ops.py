@@ -4,8 +4,8 @@ splits with a tokenizer trained on the train documents only.
 
 python -m pytest -q tests/test_case_ops.py    (CPU, a few seconds; the real-corpus tests skip without it)
 """
-import importlib.util
 import json
+import multiprocessing
 import random
 import sys
 from pathlib import Path
@@ -16,16 +16,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import SP8192, corpus_texts, sample_stream, write_split
+from conftest import SP8192, corpus_texts, load_prepare, sample_stream, sample_texts, write_split
 
 import train_gpt as tg
 
 REPO = Path(__file__).resolve().parent.parent
-if "prepare" not in sys.modules:  # data/prepare.py, loaded as tests/test_prepare.py does
-    _spec = importlib.util.spec_from_file_location("prepare", REPO / "data" / "prepare.py")
-    sys.modules["prepare"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["prepare"])
-prepare = sys.modules["prepare"]
+prepare = load_prepare()
 
 CAP, UPPER = tg.CASE_MARKERS
 encode, decode = prepare.case_encode, prepare.case_decode
@@ -294,3 +290,40 @@ def test_byte_luts_count_marker_pieces_as_zero_and_not_as_a_boundary():
     text = "Hello THE River, the END"
     stream = np.array([1] + sp.encode(encode(text)), dtype=np.int64)
     assert int(tg.count_target_bytes(stream, (base, space, boundary)).sum()) == len(text)
+
+
+# ================================================================================================
+# The transform on worker processes (--workers > 1): the same output, the same errors, no worker left
+# ================================================================================================
+
+
+def test_case_ops_on_worker_processes_write_the_same_shards(tmp_path, monkeypatch):
+    """Small case-op batches, so that 2 processes get many of them: the shards are byte for byte those of
+    --workers 1, where the transform runs in the main process."""
+    monkeypatch.setattr(prepare, "CASE_BATCH_BYTES", 5000)
+    src = write_jsonl(tmp_path / "d.jsonl", sample_texts(40))
+    made = []
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        assert prepare.main(["text", "--input", str(src), "--val-docs", "5", "--tokenizer", str(CASE_TOKENIZER), "--case-ops",
+                             "--shard-tokens", "3000", "--workers", str(workers), "--out", str(out)]) == 0
+        made.append({p.name: p.read_bytes() for p in (out / "datasets/fineweb10B_sp8192").glob("fineweb_*.bin")})
+    assert made[0] == made[1] and len(made[0]) > 3
+    assert not multiprocessing.active_children()
+
+
+def test_case_documents_on_processes_name_a_refused_document_and_leave_no_worker(monkeypatch):
+    monkeypatch.setattr(prepare, "CASE_BATCH_BYTES", 2000)
+    docs = [prepare.Doc(t, len(t.encode()), f"d.jsonl:{i + 1}") for i, t in enumerate(make_texts(60, seed=7))]
+    docs[9] = docs[9]._replace(text=None)  # a skipped document passes through
+    assert list(prepare.case_documents(docs, 2)) == list(prepare.case_documents(docs, 1))
+
+    docs[41] = docs[41]._replace(text="Marked " + UPPER + " text")  # refused in a worker, many batches in
+    with pytest.raises(tg.DataError, match="^d.jsonl:42: the text holds the character U\\+E001"):
+        list(prepare.case_documents(docs, 2))
+    assert not multiprocessing.active_children()
+
+    early = prepare.case_documents(docs, 2)
+    next(early)
+    early.close()  # a consumer that stops (an error downstream, Ctrl-C, a token cap) stops the pool
+    assert not multiprocessing.active_children()

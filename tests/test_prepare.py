@@ -3,7 +3,6 @@
 python -m pytest -q tests/test_prepare.py    (CPU, a few seconds)
 """
 import gzip
-import importlib.util
 import json
 import lzma
 import os
@@ -20,16 +19,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import sample_stream, write_split
+from conftest import load_prepare, sample_stream, write_split
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("prepare", REPO / "data" / "prepare.py")
-prepare = importlib.util.module_from_spec(_spec)
-sys.modules["prepare"] = prepare
-_spec.loader.exec_module(prepare)
+prepare = load_prepare()
 
 SAMPLE = REPO / "data" / "sample"
 SAMPLE_TOKENIZER = SAMPLE / "tokenizers" / "fineweb_8192_bpe.model"
