@@ -204,6 +204,15 @@ def test_summarize_computes_track_data_and_commands_from_the_logs(tmp_path):
     assert "torchrun --standalone --nproc_per_node=1" in sub["reproduce"]["42"]  # the logged launcher
 
 
+def test_fineweb_scored_on_case_operator_shards_is_still_fineweb(tmp_path):
+    """The same val documents as case-op shards take ~6.5 % more tokens (66 M for FineWeb's 62 M): still FineWeb."""
+    logs = [Path(p) for p in write_logs(tmp_path)]
+    for path in logs:
+        path.write_text(path.read_text().replace(f"val_tokens:{VAL_TOKENS + 1}", "val_tokens:66053765"))
+    sub = summarize.build_submission(summarize.load_runs([str(p) for p in logs]), "n", "a", "g", "t", "2026-05-01")
+    assert sub["data"]["fineweb"] is True and sub["track"] == "10min_16mb"
+
+
 def test_summarize_prints_json_or_writes_only_with_force(tmp_path, capsys):
     logs = write_logs(tmp_path)
     assert summarize.main(logs + ["--date", "2026-05-01"]) == 0
