@@ -162,7 +162,7 @@ def test_both_modes_adapt_documents_inside_global_chunks_score_first(tiny_data, 
 
 
 WORKER = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 repo, data, val_glob = sys.argv[1:4]
 sys.path[:0] = [repo, repo + "/tests"]
@@ -176,6 +176,10 @@ model = random_model(h)
 val = tg.ValidationData(h, device)
 r, legal = tg.evaluate_document_ttt(model, val, h, device, tg.DocTTTConfig.from_settings(h), tg.TTTConfig.from_settings(h))
 print("RESULT " + json.dumps(dict(loss_sum=r.loss_sum, tokens=r.tokens, bytes=r.bytes, legal=legal)))
+# Leave without interpreter finalization, as train_gpt.py does for gloo (SKIP_FINALIZATION): gloo's threads
+# can abort it ("terminate called without an active exception").
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -166,6 +166,10 @@ WORKER = textwrap.dedent("""
     else:
         torch.save([p.detach() for p in params], sys.argv[2] + ".rank1")
     dist.destroy_process_group()
+    # Leave without interpreter finalization, as train_gpt.py does for gloo (SKIP_FINALIZATION): gloo's threads
+    # can abort it ("terminate called without an active exception").
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 CASE = textwrap.dedent("""
