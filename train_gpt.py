@@ -222,6 +222,9 @@ SETTINGS: list[Setting] = [
     _s("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for matrices: scale = k*std(row)/qmax", min=0.1),
     _s("MLP_CLIP_SIGMAS", float, 0.0, "ours: SDClip k of the MLP matrices (0 = MATRIX_CLIP_SIGMAS)", min=0),
     _s("EMBED_CLIP_SIGMAS", float, 20.0, "SDClip k for the embedding", min=0.1),
+    _s("LQER_RANK", int, 0, "ours: rank of the low-rank correction of the quantization error, stored for the LQER_TOP_K matrices it helps most (0 = off)", min=0),
+    _s("LQER_TOP_K", int, 3, "ours: how many GPTQ matrices get the low-rank correction", min=1),
+    _s("LQER_BITS", int, 8, "ours: bits of the correction's two factors (one scale per factor row)", min=2, max=8),
     _s("QUANT_MIN_NUMEL", int, 65536, "ours: 2-D weights with more values than this are GPTQ-quantized, smaller ones kept as fp16", min=0),
     _s("COMPRESSOR", str, "brotli", "brotli | lzma", choices=("brotli", "lzma")),
     _s("ARTIFACT_FIT", bool, False, "ours: if over 16,000,000 bytes, tighten MATRIX_CLIP_SIGMAS until it fits (logged)"),
@@ -2024,7 +2027,53 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
     out = []
     for name, t in state.items():
         out.append(results.get(name) or QuantizedTensor(name, tuple(t.shape), 16, values=t.half().cpu().numpy()))
+    if h.lqer_rank > 0:
+        out += low_rank_corrections(state, results, hessians, h.lqer_rank, h.lqer_top_k, h.lqer_bits, notes)
     return out, notes
+
+
+LQER_SUFFIXES = (".lqer_a", ".lqer_b")  # the two factors of a weight's correction, stored after all parameters
+
+
+def maxabs_codes(M: Tensor, bits: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Codes of M (rows, cols) on a symmetric grid with one scale per row, max |row| / qmax snapped to the
+    stored log grid (no clipping beyond the grid step): (codes int8, top, scale codes uint8)."""
+    qmax = 2 ** (bits - 1) - 1
+    raw = (M.abs().amax(dim=1).double() / qmax).clamp_min(1e-12).cpu().numpy()
+    top = np.float32(raw.max())
+    scale_codes = np.clip(np.round(SCALE_STEPS_PER_OCTAVE * np.log2(top / raw)), 0, 255).astype(np.uint8)
+    scales = torch.from_numpy(scales_from_codes(top, scale_codes)).to(M.device)
+    return round_to_grid(M.float(), scales, bits).to(torch.int8).cpu().numpy(), float(top), scale_codes
+
+
+def low_rank_corrections(state: dict[str, Tensor], results: dict[str, "QuantizedTensor"], hessians: dict[str, Tensor],
+                         rank: int, top_k: int, bits: int, notes: list[str]) -> list["QuantizedTensor"]:
+    """LQER_RANK: a rank-r correction A B of the quantization error E = W - Q(W) for the top_k matrices where
+    it removes the most output error. The error is weighted by each input channel's RMS (the square root of
+    the Hessian's diagonal), so the SVD keeps what the layer's outputs feel, not what the weights hold:
+    E diag(d) ~ U S V^T, A = U S, B = V^T diag(d)^-1. Both factors are stored with LQER_BITS bits, A
+    transposed (rank rows each), and the loader adds A B to the dequantized weight, so evaluation runs the
+    plain model."""
+    gains = {}
+    for name, q in results.items():
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            continue
+        W = state[name]
+        E = W - q.dequantize().to(W.device)
+        H = hessians[hessian_key(name)].to(W.device).float()
+        d = H.diagonal().clamp_min(1e-12).sqrt()
+        U, S, Vh = torch.linalg.svd(E * d[None, :], full_matrices=False)
+        r = min(rank, S.numel())
+        gains[name] = (float((S[:r] ** 2).sum() / (S ** 2).sum().clamp_min(1e-30)), float((S[:r] ** 2).sum()),
+                       U[:, :r] * S[:r], Vh[:r] / d[None, :])
+    chosen = sorted(gains, key=lambda n: -gains[n][1])[:top_k]
+    out = []
+    for name in chosen:
+        for suffix, factor in zip(LQER_SUFFIXES, (gains[name][2].T, gains[name][3])):
+            codes, top, scale_codes = maxabs_codes(factor, bits)
+            out.append(QuantizedTensor(name + suffix, tuple(factor.shape), bits, codes=codes, scale_top=top, scale_codes=scale_codes))
+    notes.append("lqer: " + ", ".join(f"{n} -{100 * gains[n][0]:.1f}%" for n in chosen) + " of weighted error")
+    return out
 
 
 # ================================================================================================
@@ -2163,6 +2212,9 @@ def serialize_artifact(tensors: list[QuantizedTensor], config: dict, compressor:
     """eval_settings (EVAL_* and TTT_* of the run) go into the JSON as "eval"; artifacts without it still load."""
     table = [[t.bits, *t.shape] for t in tensors]
     meta = {"config": config, "table": table, "names_digest": names_digest((t.name, list(t.shape)) for t in tensors)}
+    corrected = [t.name[:-len(LQER_SUFFIXES[0])] for t in tensors if t.name.endswith(LQER_SUFFIXES[0])]
+    if corrected:
+        meta["lqer"] = corrected  # their factors follow the parameters in the table, a then b for each
     if eval_settings is not None:
         meta["eval"] = eval_settings
     quantized = [t for t in tensors if t.bits != 16]
@@ -2239,7 +2291,11 @@ def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact", parse
     parse_artifact's result for this blob, if the caller has it (decoding the codes takes ~1.5 s)."""
     meta, table, codes, scale_codes, tops, plain = parsed or parse_artifact(blob, source)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    if meta["names_digest"] != names_digest((n, list(s)) for n, s in params) or [s for _, s in table] != [s for _, s in params]:
+    corrected = meta.get("lqer", [])  # LQER: their factors' shapes come from the table, their names from here
+    factor_names = [n + suffix for n in corrected for suffix in LQER_SUFFIXES]
+    params += list(zip(factor_names, (s for _, s in table[len(params):])))
+    if (len(table) != len(params) or meta["names_digest"] != names_digest((n, list(s)) for n, s in params)
+            or [s for _, s in table] != [s for _, s in params]):
         raise ArtifactError(f"{source} was made for a different network shape than the one built from its config.")
     out, c, r, p, k = {}, 0, 0, 0, 0
     for (name, shape), (bits, _) in zip(params, table):
@@ -2252,6 +2308,9 @@ def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact", parse
                                 scale_top=float(tops[k]), scale_codes=np.frombuffer(scale_codes, dtype=np.uint8, count=shape[0], offset=r))
             out[name] = t.dequantize()
             c, r, k = c + n, r + shape[0], k + 1
+    for name in corrected:  # LQER: W = Q + A B, A stored transposed
+        a, b = (out.pop(name + suffix) for suffix in LQER_SUFFIXES)
+        out[name] = out[name] + a.T @ b
     return out
 
 

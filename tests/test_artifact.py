@@ -437,3 +437,60 @@ def test_packed_script_is_smaller_and_runs_the_same_program(readable_run, tiny_d
 def test_pack_usage_errors(tmp_path):
     proc, _ = run_script({}, tmp_path, args=["--pack"])
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# LQER: low-rank correction of the quantization error
+# ------------------------------------------------------------------------------------------------
+
+
+def weighted_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T): the squared output error of E = W - Q on inputs whose second moment is H."""
+    E = (W - Q).double()
+    return float(torch.einsum("ij,jk,ik->", E, H.double(), E))
+
+
+def test_lqer_corrects_the_matrices_it_helps_most_and_the_artifact_carries_it(quantized):
+    base_h, model, hessians, plain_tensors = quantized
+    h = base_h.replace(lqer_rank=2, lqer_top_k=2, lqer_bits=8)
+    tensors, notes = tg.quantize_model(model, hessians, h)
+    factors = [t for t in tensors if t.name.endswith(tg.LQER_SUFFIXES)]
+    assert len(factors) == 4 and any(n.startswith("lqer: ") for n in notes)
+    assert [t.name for t in tensors[:len(plain_tensors)]] == [t.name for t in plain_tensors]  # parameters first, unchanged
+    corrected = [t.name[:-len(".lqer_a")] for t in factors[::2]]
+    blob = tg.serialize_artifact(tensors, h.model_config(), "brotli")
+    plain_blob = tg.serialize_artifact(plain_tensors, h.model_config(), "brotli")
+    # about a byte a factor value, plus each factor's code table in the header's JSON (a few hundred bytes)
+    assert 0 < len(blob) - len(plain_blob) < sum(math.prod(t.shape) for t in factors) + 500 * len(factors)
+    state, plain_state = tg.load_artifact_state(blob, tg.GPT(h)), tg.load_artifact_state(plain_blob, tg.GPT(h))
+    tg.GPT(h).load_state_dict(state, strict=True)  # the factors are folded in, not extra parameters
+    weights = dict(model.named_parameters())
+    for name in state:
+        if name not in corrected:
+            assert torch.equal(state[name], plain_state[name]), name
+    # the chosen matrices lose error as their layer's inputs see it; of all matrices, they had the most to gain
+    for name in corrected:
+        H = hessians[tg.hessian_key(name)]
+        W = weights[name].detach()
+        assert weighted_error(W, state[name], H) < 0.97 * weighted_error(W, plain_state[name], H), name
+    assert "tok_emb.weight" not in corrected
+
+
+def test_lqer_artifact_refuses_a_tampered_correction_list(quantized):
+    base_h, model, hessians, _ = quantized
+    h = base_h.replace(lqer_rank=1, lqer_top_k=1)
+    tensors, _ = tg.quantize_model(model, hessians, h)
+    renamed = [t if not t.name.endswith(tg.LQER_SUFFIXES) else
+               tg.QuantizedTensor("blocks.0.mlp.proj.weight" + t.name[-7:], t.shape, t.bits, t.codes, t.scale_top, t.scale_codes)
+               for t in tensors]
+    if renamed == tensors:
+        pytest.skip("the chosen matrix is blocks.0.mlp.proj.weight already")
+    good = tg.serialize_artifact(tensors, h.model_config(), "brotli")
+    meta = tg.parse_artifact(good)[0]
+    assert len(meta["lqer"]) == 1
+    # a correction recorded for another weight than the one whose factors are stored: the digest catches it
+    bad = tg.serialize_artifact(renamed, h.model_config(), "brotli")
+    parsed = list(tg.parse_artifact(bad))
+    parsed[0]["lqer"] = meta["lqer"]
+    with pytest.raises(tg.ArtifactError, match="different network shape"):
+        tg.load_artifact_state(bad, tg.GPT(h), "art.ptz", tuple(parsed))
