@@ -189,6 +189,7 @@ SETTINGS: list[Setting] = [
     _s("LOOP_END", int, 5, "last looped block (inclusive)", min=0),
     _s("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which recurrence switches on", min=0, max=1),
     _s("PARALLEL_RESIDUAL_START", int, 7, "blocks from this index on are parallel (GPT-J); -1 = none", min=-1),
+    _s("TWO_LANE_START", int, -1, "ours: blocks from this index on carry two residual lanes (attention reads one, the MLP the other); -1 = none; must come after every looped block and in the decoder", min=-1),
     _s("ATTN_GATE", bool, True, "ours: sparse attention output gate, one sigmoid per head read from ATTN_GATE_DIMS input channels"),
     _s("ATTN_GATE_DIMS", int, 12, "ours: input channels the attention output gate reads", min=1),
     _s("SMEAR_GATE", bool, True, "ours: BOS-safe previous-token mixing at the input, gated from SMEAR_GATE_DIMS channels"),
@@ -422,6 +423,13 @@ class Hyperparameters:
                 f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
                 f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers} (or set NUM_LOOPS=0)."
             )
+        if self.two_lane_start >= 0:
+            for looping in (False, True):
+                enc, dec = layer_order(self.num_layers, self.num_loops, self.loop_start, self.loop_end, looping)
+                lanes = [i for i in enc + dec if i >= self.two_lane_start]
+                if lanes != list(range(self.two_lane_start, self.num_layers)) or (enc + dec)[-len(lanes):] != lanes or not set(lanes) <= set(dec):
+                    raise ConfigError(f"TWO_LANE_START={self.two_lane_start} must name a block that runs once, at the end of the "
+                                      f"decoder, after every looped block (order {enc} + {dec}); -1 turns two lanes off.")
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}.")
         if self.world_size < 1 or not (0 <= self.rank < self.world_size):
@@ -438,7 +446,7 @@ class Hyperparameters:
         names = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "EMBEDDING_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
                  "XSA_LAST_N", "SKIP_GATES_ENABLED", "TIE_EMBEDDINGS", "LOGIT_SOFTCAP", "ROPE_BASE", "ROPE_DIMS",
                  "LN_SCALE", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
-                 "ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS"]
+                 "ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS", "TWO_LANE_START"]
         return {n: getattr(self, n.lower()) for n in names}
 
     def eval_config(self) -> dict:
@@ -970,7 +978,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block. resid_mix blends the stream with the embedding x0 first; parallel blocks feed
     attention and MLP the same normalized input (GPT-J), sequential ones feed the MLP the post-attention
-    stream. Norms have no weights, so the parallel block normalizes once."""
+    stream. Norms have no weights, so the parallel block normalizes once.
+
+    Two-lane blocks (TWO_LANE_START) carry two residual streams, stacked as x (2, B, T, D): attention reads
+    lane 0 (blended with x0), the MLP reads lane 1, and each lane keeps lane_keep[k] of itself and adds
+    lane_mix[0, k] x attention + lane_mix[1, k] x MLP. All start at 1, so with equal lanes the block starts as
+    a parallel one; the model averages the lanes before the final norm."""
 
     def __init__(self, h, layer_idx: int):
         super().__init__()
@@ -984,11 +997,22 @@ class Block(nn.Module):
         # A buffer, not a Python float: one compiled graph then serves every layer.
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer_idx + 1) if h.ln_scale else 1.0), persistent=False)
         self.parallel = 0 <= h.parallel_residual_start <= layer_idx
+        self.two_lane = 0 <= h.two_lane_start <= layer_idx
+        if self.two_lane:
+            self.lane_keep = nn.Parameter(torch.ones(2))
+            self.lane_mix = nn.Parameter(torch.ones(2, 2))  # [attention | MLP, lane]
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
         s = self.ln_scale.to(x.dtype)
+        if self.two_lane:
+            lane0, lane1 = mix[0] * x[0] + mix[1] * x0, x[1]
+            attn = self.attn(rms_norm(lane0) * s, cos, sin, self.attn_scale)
+            mlp = self.mlp(rms_norm(lane1) * s, self.mlp_scale)
+            keep, w = self.lane_keep.to(x.dtype), self.lane_mix.to(x.dtype)
+            return torch.stack((keep[0] * lane0 + w[0, 0] * attn + w[1, 0] * mlp,
+                                keep[1] * lane1 + w[0, 1] * attn + w[1, 1] * mlp))
+        x = mix[0] * x + mix[1] * x0
         # x + attn_scale * attn(.) with the scale folded into attn's output projection (see CastedLinear)
         if self.parallel:
             n = rms_norm(x) * s
@@ -1141,11 +1165,17 @@ class GPT(nn.Module):
         if skips:  # the first decoder merge would get x twice (x is skip): keep graphs free of aliasing
             skips[-1] = skips[-1].clone()
         for j, i in enumerate(dec):
+            lanes = self.blocks[i].two_lane
+            if lanes and x.dim() == 3:  # the first two-lane block: both lanes start as the stream
+                x = torch.stack((x, x))
             if j < self.skip_weights.size(0) and skips:
                 # clone(): a row view has a storage offset, which a compiled graph would specialize on
                 gate = self.skip_gates[j].clone() if self.skip_gates is not None else None
-                x = rt.merge_skip(x, skips.pop(), self.skip_weights[j].clone(), gate)
+                merged = rt.merge_skip(x[0] if lanes else x, skips.pop(), self.skip_weights[j].clone(), gate)
+                x = torch.stack((merged, x[1])) if lanes else merged  # a skip feeds lane 0, the attention's
             x = rt.block(self.blocks[i], x, uses[len(enc) + j], cos, sin)
+        if x.dim() == 4:
+            x = 0.5 * (x[0] + x[1])
         x = self.final_norm(x)
         if self.head_proj is not None:
             x = self.head_proj(x)
@@ -3193,7 +3223,7 @@ def load_eval_model(path: Path, h, device) -> tuple[GPT, object]:
     parsed = parse_artifact(blob, str(path))
     meta = parsed[0]
     # Model switches added after the artifact format: an artifact made before them was made without them.
-    config = {"ATTN_GATE": False, "SMEAR_GATE": False, **meta["config"]}
+    config = {"ATTN_GATE": False, "SMEAR_GATE": False, "TWO_LANE_START": -1, **meta["config"]}
     differs = [k for k, v in config.items() if k in h.explicit and getattr(h, k.lower()) != v]
     if differs:
         log(f"warning: the artifact's own {', '.join(differs)} override the environment's for evaluation")

@@ -1,6 +1,7 @@
 """Issue 16, items 6-7 switches: Polar-Express Newton-Schulz (MUON_NS_COEFFS), the sparse attention output
-gate (ATTN_GATE) and the BOS-safe smear gate (SMEAR_GATE): what each computes, that they start as the plain
-model, stay causal, keep documents apart, train, and survive the artifact."""
+gate (ATTN_GATE), the BOS-safe smear gate (SMEAR_GATE) and two-lane residual blocks (TWO_LANE_START): what
+each computes, that they start as the plain model, stay causal, keep documents apart, train, and survive the
+artifact."""
 from __future__ import annotations
 
 import sys
@@ -156,3 +157,70 @@ def test_gated_model_survives_the_artifact_and_old_configs_load_without_gates(tm
     path.write_bytes(tg.serialize_artifact(qt, old_config, "brotli", plain_h.eval_config()))
     loaded, hh = tg.load_eval_model(path, tiny_h(**GATES), torch.device("cpu"))
     assert not hh.attn_gate and not hh.smear_gate and loaded.smear is None
+
+
+# ---------------------------------------------------------------------------------------- two lanes
+
+
+def test_two_lane_block_formula():
+    model = tiny_model(TWO_LANE_START=3)
+    block = model.blocks[3]
+    assert block.two_lane and not any(b.two_lane for b in model.blocks[:3])
+    with torch.no_grad():
+        block.lane_keep.copy_(torch.tensor([0.9, 1.2]))
+        block.lane_mix.copy_(torch.tensor([[0.5, 1.5], [2.0, -0.5]]))
+    h = model.h
+    x, x0, cos, sin = _stream(h, T=10)
+    lanes = torch.stack((x, 0.7 * x0 + 0.3 * x))
+    with torch.no_grad():
+        out = block(lanes, x0, cos, sin)
+        s = block.ln_scale
+        lane0 = block.resid_mix[0] * lanes[0] + block.resid_mix[1] * x0
+        attn = block.attn(tg.rms_norm(lane0) * s, cos, sin, block.attn_scale)
+        mlp = block.mlp(tg.rms_norm(lanes[1]) * s, block.mlp_scale)
+        torch.testing.assert_close(out[0], 0.9 * lane0 + 0.5 * attn + 2.0 * mlp)
+        torch.testing.assert_close(out[1], 1.2 * lanes[1] + 1.5 * attn - 0.5 * mlp)
+
+
+def test_two_lanes_start_as_the_parallel_block_and_train():
+    plain = tiny_model(seed=4)
+    lanes = tg.GPT(tiny_h(TWO_LANE_START=3))
+    state = {k: v for k, v in lanes.state_dict().items() if "lane_" in k}
+    lanes.load_state_dict({**plain.state_dict(), **state}, strict=True)
+    # Unit mixing, a block that reads the stream as is, and skips that pass the stream through (a skip feeds
+    # lane 0 only, so it would set the lanes apart): both lanes then stay the parallel block's stream.
+    with torch.no_grad():
+        for m in (plain, lanes):
+            m.blocks[3].resid_mix.copy_(torch.stack((torch.ones(64), torch.zeros(64))))
+            m.skip_gates.fill_(60.0)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    for looping in (False, True):
+        plain.looping = lanes.looping = looping
+        with torch.no_grad():
+            torch.testing.assert_close(lanes.forward_hidden(ids), plain.forward_hidden(ids))
+    lanes(ids[:, :-1], ids[:, 1:]).backward()
+    assert lanes.blocks[3].lane_mix.grad.abs().sum() > 0 and lanes.blocks[3].lane_keep.grad.abs().sum() > 0
+    assert {id(lanes.blocks[3].lane_mix), id(lanes.blocks[3].lane_keep)} <= {id(p) for p in tg.partition_params(lanes)["scalar"]}
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_two_lanes_refused_where_a_block_runs_before_the_decoder_end(start):
+    with pytest.raises(tg.ConfigError, match="TWO_LANE_START"):
+        tiny_h(TWO_LANE_START=start)  # the tiny model loops blocks 1-2 and its decoder is [1, 2, 3] when looping
+
+
+def test_two_lane_model_compiles_to_the_eager_result():
+    """COMPILE=1 on CPU (inductor): the two-lane block is one more graph kind and gives the eager numbers."""
+    h = tiny_h(NUM_LAYERS=3, MODEL_DIM=32, EMBEDDING_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=3, NUM_LOOPS=0,
+               PARALLEL_RESIDUAL_START=1, TWO_LANE_START=2, ROPE_DIMS=8, COMPILE=1)
+    model = randomize(tg.GPT(h), seed=1)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model.forward_hidden(ids)
+            model.use_runtime(tg.build_runtime(h, torch.device("cpu")))
+            compiled = model.forward_hidden(ids)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -306,7 +306,8 @@ def test_model_rope_dims_default_to_the_full_head():
 
 @pytest.mark.parametrize("looping,gates", [(False, False), (True, False), (True, True)])
 def test_model_is_causal(looping, gates):
-    model = tiny_model(**(dict(ATTN_GATE=1, SMEAR_GATE=1) if gates else {}))  # gates: the smear reads t-1 only
+    # gates: the smear reads t-1 only; and the last block carries two lanes
+    model = tiny_model(**(dict(ATTN_GATE=1, SMEAR_GATE=1, TWO_LANE_START=3) if gates else dict(ATTN_GATE=0, SMEAR_GATE=0)))
     model.looping = looping
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 96, (2, 24), generator=g)
