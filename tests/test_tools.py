@@ -343,6 +343,26 @@ def test_pack_record_builds_complete_folder(tmp_path, packable):
     assert not list(out.parent.glob(".*partial"))
 
 
+def test_pack_record_ships_the_runs_tokenizer_and_refuses_another(tmp_path, packable, capsys):
+    script, req = packable
+    model = tmp_path / "fineweb_8192_bpe.model"
+    model.write_bytes(b"a case-op tokenizer")
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    logs = [Path(p) for p in write_logs(tmp_path)]
+    for path in logs:
+        path.write_text(path.read_text().replace("tokenizer_sha256:ab12", f"tokenizer_sha256:{digest}"))
+    args = [str(p) for p in logs] + ["--name", "x", "--script", str(script), "--requirements", str(req)]
+    out = tmp_path / "rec"
+    assert pack_record.main(args + ["--out", str(out), "--tokenizer", str(model)]) == 0
+    assert (out / "tokenizer" / model.name).read_bytes() == model.read_bytes()
+    assert f"`tokenizer/{model.name}` (sha256 `{digest}`" in (out / "README.md").read_text()
+    other = tmp_path / "other.model"
+    other.write_bytes(b"the plain tokenizer")
+    assert pack_record.main(args + ["--out", str(tmp_path / "rec2"), "--tokenizer", str(other)]) == 2
+    assert "the logs name tokenizer_sha256 " + digest in capsys.readouterr().err
+    assert not (tmp_path / "rec2").exists()
+
+
 def test_load_pack_source_from_a_script_file(tmp_path):
     good = tmp_path / "good_script.py"
     good.write_text("from __future__ import annotations\nimport dataclasses\n@dataclasses.dataclass\nclass C:\n    x: int = 1\n"

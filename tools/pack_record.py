@@ -11,6 +11,9 @@ Writes records/<date>_<name>/ (or --out DIR) with:
   submission.json       as tools/summarize.py makes it
   train_seed<SEED>.log  one log per seed
   requirements.txt      copied from the repository root
+  tokenizer/<MODEL>     with --tokenizer MODEL: the SentencePiece model the runs used (its sha256 must be the
+                        one every log's `data:` line names), for runs on shards made with a tokenizer of their
+                        own, e.g. case operators (data/prepare.py --case-ops)
 
 Refuses (exit 2) when the logs don't summarize (incomplete, mixed configurations), when the readable
 script's sha256 is not the one the logs name, when the packed file's sha256 or size differs from the
@@ -80,6 +83,18 @@ def check_runs_against_script(runs, source: bytes, script: Path) -> None:
                           f"{run.model_bytes} = {run.code_bytes + run.model_bytes} bytes")
 
 
+def check_tokenizer(tokenizer: Path, runs) -> str:
+    """The tokenizer's sha256, refused unless it is the one every run logged."""
+    if not tokenizer.is_file():
+        raise Refused(f"{tokenizer}: no such tokenizer file")
+    digest = sha256_hex(tokenizer.read_bytes())
+    logged = {run.data.get("tokenizer_sha256") for run in runs}
+    if logged != {digest}:
+        raise Refused(f"{tokenizer} has sha256 {digest}, but the logs name tokenizer_sha256 "
+                      f"{', '.join(sorted(str(x) for x in logged))}: give the model the shards were made with")
+    return digest
+
+
 def check_folder(folder: Path, runs) -> None:
     """Every file present and non-empty; the packed script is the one the logs measured."""
     expected = ["train_gpt.py", "README.md", "submission.json", "requirements.txt"]
@@ -99,7 +114,7 @@ def check_folder(folder: Path, runs) -> None:
             raise Refused(f"{run.path}: Code size {run.code_bytes} bytes, but the packed train_gpt.py is {len(packed)} bytes")
 
 
-def readme(sub: dict, table: str, runs, packed: str) -> str:
+def readme(sub: dict, table: str, runs, packed: str, tokenizer: str = "") -> str:
     c = sub["compliance"]
     yes = lambda ok: "yes" if ok is True else (ok if isinstance(ok, str) else "**NO**")  # noqa: E731
     worst_train = max(r.train_total_ms for r in runs) / 1000
@@ -145,7 +160,7 @@ One command per seed, run in this folder (DATA_DIR must hold the data); the sett
 pip install -r requirements.txt
 {commands}
 ```
-
+{tokenizer}
 Every setting of each run is listed in the `settings:` block of its log. In the repository,
 `python tools/provenance.py --check-packed <this folder>` checks that this `train_gpt.py` unpacks to
 that commit's program.
@@ -154,8 +169,9 @@ that commit's program.
 
 def build(logs, name, author="", github_id="", technique="", date=None, out=None,
           script: Path = REPO_DIR / "train_gpt.py", requirements: Path = REPO_DIR / "requirements.txt",
-          force: bool = False, packed: Path | None = None, repo: Path = REPO_DIR) -> Path:
+          force: bool = False, packed: Path | None = None, repo: Path = REPO_DIR, tokenizer: Path | None = None) -> Path:
     runs = load_runs(logs)
+    digest = check_tokenizer(Path(tokenizer), runs) if tokenizer is not None else None
     date = date or datetime.date.today().isoformat()
     out = Path(out) if out else REPO_DIR / "records" / folder_name(date, name)
     script, requirements = Path(script), Path(requirements)
@@ -179,7 +195,14 @@ def build(logs, name, author="", github_id="", technique="", date=None, out=None
         (staging / "train_gpt.py").write_bytes(packed_bytes)
         sub = build_submission(runs, name, author, github_id, technique, date, repo)
         (staging / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-        (staging / "README.md").write_text(readme(sub, results_table(runs), runs, packed_bytes.decode("utf-8")),
+        note = ""
+        if tokenizer is not None:
+            (staging / "tokenizer").mkdir()
+            shutil.copyfile(tokenizer, staging / "tokenizer" / Path(tokenizer).name)
+            note = (f"\nThe runs read shards made with the SentencePiece model `tokenizer/{Path(tokenizer).name}` "
+                    f"(sha256 `{digest}`, as each log's `data:` line says); DATA_DIR must hold shards made with it "
+                    "(`data/prepare.py` in the repository makes them) and its copy under `tokenizers/`.\n")
+        (staging / "README.md").write_text(readme(sub, results_table(runs), runs, packed_bytes.decode("utf-8"), note),
                                            encoding="utf-8")
         for run in runs:
             shutil.copyfile(run.path, staging / f"train_seed{run.seed}.log")
@@ -209,10 +232,12 @@ def main(argv=None) -> int:
     ap.add_argument("--packed", default=None, help="use this already packed copy instead of calling pack_source")
     ap.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
     ap.add_argument("--repo", default=str(REPO_DIR), help="git checkout whose history holds the logs' script")
+    ap.add_argument("--tokenizer", default=None, help="ship this SentencePiece model (the logs' tokenizer_sha256) in tokenizer/")
     args = ap.parse_args(argv)
     try:
         out = build(args.logs, args.name, args.author, args.github_id, args.technique, args.date, args.out,
-                    Path(args.script), Path(args.requirements), args.force, args.packed, Path(args.repo))
+                    Path(args.script), Path(args.requirements), args.force, args.packed, Path(args.repo),
+                    Path(args.tokenizer) if args.tokenizer else None)
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
