@@ -223,6 +223,7 @@ SETTINGS: list[Setting] = [
     _s("MATRIX_CLIP_SIGMAS", float, 12.85, "SDClip k for matrices: scale = k*std(row)/qmax", min=0.1),
     _s("MLP_CLIP_SIGMAS", float, 0.0, "ours: SDClip k of the MLP matrices (0 = MATRIX_CLIP_SIGMAS)", min=0),
     _s("EMBED_CLIP_SIGMAS", float, 20.0, "SDClip k for the embedding", min=0.1),
+    _s("MATRIX_EXTRA_BIT_TOP_K", int, 0, "ours: this many GPTQ weight groups (q|k|v of a block are one) get MATRIX_BITS+1 bits: those with the largest Hessian-weighted error per weight (0 = off)", min=0),
     _s("LQER_RANK", int, 0, "ours: rank of the low-rank correction of the quantization error, stored for the LQER_TOP_K matrices it helps most (0 = off)", min=0),
     _s("LQER_TOP_K", int, 3, "ours: how many GPTQ matrices get the low-rank correction", min=1),
     _s("LQER_BITS", int, 8, "ours: bits of the correction's two factors (one scale per factor row)", min=2, max=8),
@@ -2032,15 +2033,44 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
         if name in targets:
             key = "head" if name in ("tok_emb.weight", "lm_head.weight") else hessian_key(name)
             jobs.setdefault(key, []).append(name)
-    batches: dict[tuple, list[str]] = {}
-    for key, names in jobs.items():
-        is_embed = key == "head"
-        rows = sum(state[n].size(0) for n in names)
+    bits_of = {key: h.embed_bits if key == "head" else h.matrix_bits for key in jobs}
+    clip_of = {}
+    for key in jobs:
         # ARTIFACT_FIT's coarser grid (clip above MATRIX_CLIP_SIGMAS) scales the MLP's own k alike
         key_clip = clip * h.mlp_clip_sigmas / h.matrix_clip_sigmas if ".mlp." in key and h.mlp_clip_sigmas > 0 else clip
-        batch_key = (rows, state[names[0]].size(1), h.embed_bits if is_embed else h.matrix_bits,
-                     h.embed_clip_sigmas if is_embed else key_clip)
-        batches.setdefault(batch_key, []).append(key)
+        clip_of[key] = h.embed_clip_sigmas if key == "head" else key_clip
+    results = gptq_jobs(state, jobs, bits_of, clip_of, hessians, notes)
+    if h.matrix_extra_bit_top_k > 0:
+        # Spend bytes where quantization hurts most: the groups with the largest output error per weight get one
+        # more bit (about a quarter of the error for ~1 more bit per weight), quantized again from the float weights.
+        per_weight = {key: sum(weighted_quant_error(state[n], results[n], hessians[key]) for n in names)
+                      / sum(state[n].numel() for n in names)
+                      for key, names in jobs.items() if key != "head" and bits_of[key] < 8}
+        upgrade = sorted(per_weight, key=lambda k: -per_weight[k])[:h.matrix_extra_bit_top_k]
+        results.update(gptq_jobs(state, {k: jobs[k] for k in upgrade}, {k: bits_of[k] + 1 for k in upgrade}, clip_of, hessians, notes))
+        notes.append("extra bit: " + ", ".join(upgrade))
+    out = []
+    for name, t in state.items():
+        out.append(results.get(name) or QuantizedTensor(name, tuple(t.shape), 16, values=t.half().cpu().numpy()))
+    if h.lqer_rank > 0:
+        out += low_rank_corrections(state, results, hessians, h.lqer_rank, h.lqer_top_k, h.lqer_bits, notes)
+    return out, notes
+
+
+def weighted_quant_error(W: Tensor, q: "QuantizedTensor", H: Tensor) -> float:
+    """tr(E H E^T) for E = W - Q(W): the squared error of the layer's outputs on its calibration inputs."""
+    E = (W - q.dequantize().to(W.device)).double()
+    return float(((E @ H.to(W.device).double()) * E).sum())
+
+
+def gptq_jobs(state: dict[str, Tensor], jobs: dict[str, list[str]], bits_of: dict[str, int], clip_of: dict[str, float],
+              hessians: dict[str, Tensor], notes: list[str]) -> dict[str, "QuantizedTensor"]:
+    """GPTQ for each job (the weights that share one Hessian, rows stacked), jobs of one shape, bit width and
+    clip batched into one call; returns a QuantizedTensor per weight name."""
+    batches: dict[tuple, list[str]] = {}
+    for key, names in jobs.items():
+        rows = sum(state[n].size(0) for n in names)
+        batches.setdefault((rows, state[names[0]].size(1), bits_of[key], clip_of[key]), []).append(key)
     results: dict[str, QuantizedTensor] = {}
     for (rows, cols, bits, clip_k), keys in sorted(batches.items(), key=lambda kv: str(kv[0])):
         W = torch.stack([torch.cat([state[n] for n in jobs[k]], 0) for k in keys])
@@ -2054,12 +2084,7 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
                                                 codes=Q[b, start:start + r].cpu().numpy(), scale_top=float(top[b]),
                                                 scale_codes=scale_codes[b, start:start + r])
                 start += r
-    out = []
-    for name, t in state.items():
-        out.append(results.get(name) or QuantizedTensor(name, tuple(t.shape), 16, values=t.half().cpu().numpy()))
-    if h.lqer_rank > 0:
-        out += low_rank_corrections(state, results, hessians, h.lqer_rank, h.lqer_top_k, h.lqer_bits, notes)
-    return out, notes
+    return results
 
 
 LQER_SUFFIXES = (".lqer_a", ".lqer_b")  # the two factors of a weight's correction, stored after all parameters

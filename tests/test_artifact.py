@@ -494,3 +494,34 @@ def test_lqer_artifact_refuses_a_tampered_correction_list(quantized):
     parsed[0]["lqer"] = meta["lqer"]
     with pytest.raises(tg.ArtifactError, match="different network shape"):
         tg.load_artifact_state(bad, tg.GPT(h), "art.ptz", tuple(parsed))
+
+
+def test_extra_bit_goes_to_the_groups_with_the_most_error_per_weight(quantized):
+    base_h, model, hessians, plain_tensors = quantized
+    h = base_h.replace(matrix_extra_bit_top_k=2)
+    tensors, notes = tg.quantize_model(model, hessians, h)
+    plain = {t.name: t for t in plain_tensors}
+    weights = dict(model.named_parameters())
+    upgraded = {t.name for t in tensors if t.bits == h.matrix_bits + 1}
+    groups = {tg.hessian_key(n) for n in upgraded}
+    assert len(groups) == 2 and any(n.startswith("extra bit: ") for n in notes)
+    assert upgraded == {n for n, t in plain.items() if t.bits == h.matrix_bits and tg.hessian_key(n) in groups}  # whole groups
+    # the chosen groups had the largest Hessian-weighted error per weight at MATRIX_BITS
+    per_weight = {}
+    for name, t in plain.items():
+        if t.bits == h.matrix_bits:
+            key = tg.hessian_key(name)
+            err, n = per_weight.get(key, (0.0, 0))
+            per_weight[key] = (err + tg.weighted_quant_error(weights[name].detach(), t, hessians[key]), n + t.codes.size)
+    ranked = sorted(per_weight, key=lambda k: -per_weight[k][0] / per_weight[k][1])
+    assert groups == set(ranked[:2])
+    for t in tensors:
+        if t.name in upgraded:  # one more bit: about a quarter of the error
+            key = tg.hessian_key(t.name)
+            before = tg.weighted_quant_error(weights[t.name].detach(), plain[t.name], hessians[key])
+            assert tg.weighted_quant_error(weights[t.name].detach(), t, hessians[key]) < 0.5 * before
+            assert t.scale_top == pytest.approx(plain[t.name].scale_top * 31 / 63, rel=1e-3)  # the same clip, 63 steps not 31
+        elif t.bits != 16:
+            assert np.array_equal(t.codes, plain[t.name].codes)  # the rest is untouched
+    blob = tg.serialize_artifact(tensors, h.model_config(), "brotli")
+    tg.GPT(h).load_state_dict(tg.load_artifact_state(blob, tg.GPT(h)), strict=True)
