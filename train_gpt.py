@@ -1543,6 +1543,11 @@ class Runtime:
 EAGER = Runtime()  # plain functions, SDPA: what a model uses until it is given another runtime
 
 
+def compile_requested(h, device: torch.device) -> bool:
+    """COMPILE=1, or COMPILE=auto on a GPU."""
+    return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+
+
 def build_runtime(h, device: torch.device) -> Runtime:
     """Pick the attention backend and, on GPU, compile the block, the head, the skip merge, the gradient sum
     and Newton-Schulz; check the fused cross entropy before using it."""
@@ -1556,7 +1561,7 @@ def build_runtime(h, device: torch.device) -> Runtime:
         torch.backends.cuda.enable_cudnn_sdp(want == "sdpa_cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         attention = want
-    use_compile = h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+    use_compile = compile_requested(h, device)
     functions = dict(block=run_block, head_loss=head_loss, head_nll=head_nll, merge_skip=merge_skip, sum_tensors=sum_tensors)
     if use_compile:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -1932,9 +1937,14 @@ def sdclip_scales(W: Tensor, bits: int, clip_sigmas: float) -> tuple[np.ndarray,
     largest scale. Returns (top (n,) float32, codes (n, rows) uint8). One byte per row instead of fp16
     saves ~25 KB of artifact on the full model; the grid step is far below what SDClip's k could tell."""
     qmax = 2 ** (bits - 1) - 1
-    raw = (clip_sigmas * W.double().std(dim=-1) / qmax).clamp_min(1e-12).cpu().numpy()  # (n, rows)
+    return log_scale_codes((clip_sigmas * W.double().std(dim=-1) / qmax).clamp_min(1e-12).cpu().numpy())  # (n, rows)
+
+
+def log_scale_codes(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row scales (..., rows) in their stored form: (the largest per matrix as float32, uint8 log codes below
+    it), which scales_from_codes turns back into scales on the grid."""
     top = raw.max(axis=-1).astype(np.float32)
-    codes = np.clip(np.round(SCALE_STEPS_PER_OCTAVE * np.log2(top[:, None] / raw)), 0, 255).astype(np.uint8)
+    codes = np.clip(np.round(SCALE_STEPS_PER_OCTAVE * np.log2(top[..., None] / raw)), 0, 255).astype(np.uint8)
     return top, codes
 
 
@@ -2094,9 +2104,7 @@ def maxabs_codes(M: Tensor, bits: int) -> tuple[np.ndarray, float, np.ndarray]:
     """Codes of M (rows, cols) on a symmetric grid with one scale per row, max |row| / qmax snapped to the
     stored log grid (no clipping beyond the grid step): (codes int8, top, scale codes uint8)."""
     qmax = 2 ** (bits - 1) - 1
-    raw = (M.abs().amax(dim=1).double() / qmax).clamp_min(1e-12).cpu().numpy()
-    top = np.float32(raw.max())
-    scale_codes = np.clip(np.round(SCALE_STEPS_PER_OCTAVE * np.log2(top / raw)), 0, 255).astype(np.uint8)
+    top, scale_codes = log_scale_codes((M.abs().amax(dim=1).double() / qmax).clamp_min(1e-12).cpu().numpy())
     scales = torch.from_numpy(scales_from_codes(top, scale_codes)).to(M.device)
     return round_to_grid(M.float(), scales, bits).to(torch.int8).cpu().numpy(), float(top), scale_codes
 
@@ -3046,7 +3054,7 @@ def evaluate_ttt(model: GPT, val: ValidationData, hh, device) -> tuple[EvalResul
     if hh.ttt_mode == "lora":
         return evaluate_document_ttt(model, val, hh, device, DocTTTConfig.from_settings(hh))
     cfg = TTTConfig.from_settings(hh)
-    if hh.compile == "1" or (hh.compile == "auto" and device.type == "cuda"):
+    if compile_requested(hh, device):
         t0 = time.perf_counter()
         ttt_compile_warmup(model, cfg, device, hh.world_size)
         log(f"ttt:compile_warmup on random tokens {1000 * (time.perf_counter() - t0):.0f}ms")

@@ -70,11 +70,10 @@ import sentencepiece as spm
 REPO_DIR = Path(__file__).resolve().parent.parent
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
-from train_gpt import (CASE_MARKERS, SHARD_HEADER_BYTES, DataError, atomic_write_bytes, read_shard_header,  # noqa: E402
-                       write_shard)
+from train_gpt import (BOS_ID, CASE_MARKERS, SHARD_HEADER_BYTES, DataError, atomic_write_bytes,  # noqa: E402
+                       read_shard_header, write_shard)
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"
-BOS_ID = 1
 MAX_VOCAB = 65536  # shards store uint16 ids
 
 # The challenge's SP8192 tokenizer settings (SPEC section 2); everything else is a SentencePiece default.
