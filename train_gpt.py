@@ -162,6 +162,7 @@ SETTINGS: list[Setting] = [
     _s("MIN_LR", float, 0.1, "LR floor as a fraction of the base LR during warmdown (the record #1493: 0; later records: 0.1)", min=0, max=1),
     _s("TRAIN_BATCH_TOKENS", int, 786432, "tokens per optimizer step, all ranks together", min=1),
     _s("TRAIN_SEQ_LEN", int, 2048, "training sequence length", min=2),
+    _s("TRAIN_SPAN_SCHEDULE", str, "", "ours: attention span grown during training, as SPAN@FRACTION items: 1024@0.1,2048@0.7 = spans of 1024 tokens until 10 % of training, 2048 until 70 %, then TRAIN_SEQ_LEN; empty = TRAIN_SEQ_LEN throughout"),
     _s("GRAD_ACCUM_STEPS", int, 0, "ours: micro-steps per step; 0 = the fewest that keep MICRO_BATCH_TOKENS per GPU", min=0),
     _s("MICRO_BATCH_TOKENS", int, 98304, "ours: largest micro-batch per GPU when GRAD_ACCUM_STEPS=0", min=1),
     _s("TRAIN_LOG_EVERY", int, 500, "log a train line every N steps (and the first 5)", min=0),
@@ -194,6 +195,7 @@ SETTINGS: list[Setting] = [
     _s("ATTN_GATE_DIMS", int, 12, "ours: input channels the attention output gate reads", min=1),
     _s("SMEAR_GATE", bool, True, "ours: BOS-safe previous-token mixing at the input, gated from SMEAR_GATE_DIMS channels"),
     _s("SMEAR_GATE_DIMS", int, 12, "ours: input channels the smear gate reads", min=1),
+    _s("DOC_MASK", bool, False, "ours: attention stays inside each document (a BOS_ID token starts one), in training and evaluation; flex attention when compiled, SDPA with a mask otherwise"),
     # --- optimizer
     _s("TIED_EMBED_LR", float, 0.03, "AdamW LR of the tied embedding", min=0),
     _s("EMBED_LR", float, 0.6, "AdamW LR of the embedding when untied", min=0),
@@ -431,6 +433,7 @@ class Hyperparameters:
                 if lanes != list(range(self.two_lane_start, self.num_layers)) or (enc + dec)[-len(lanes):] != lanes or not set(lanes) <= set(dec):
                     raise ConfigError(f"TWO_LANE_START={self.two_lane_start} must name a block that runs once, at the end of the "
                                       f"decoder, after every looped block (order {enc} + {dec}); -1 turns two lanes off.")
+        self.train_spans = parse_span_schedule(self.train_span_schedule, self.train_seq_len)
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}.")
         if self.world_size < 1 or not (0 <= self.rank < self.world_size):
@@ -447,7 +450,7 @@ class Hyperparameters:
         names = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "EMBEDDING_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
                  "XSA_LAST_N", "SKIP_GATES_ENABLED", "TIE_EMBEDDINGS", "LOGIT_SOFTCAP", "ROPE_BASE", "ROPE_DIMS",
                  "LN_SCALE", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_RESIDUAL_START",
-                 "ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS", "TWO_LANE_START"]
+                 "ATTN_GATE", "ATTN_GATE_DIMS", "SMEAR_GATE", "SMEAR_GATE_DIMS", "TWO_LANE_START", "DOC_MASK"]
         return {n: getattr(self, n.lower()) for n in names}
 
     def eval_config(self) -> dict:
@@ -461,6 +464,29 @@ class Hyperparameters:
         for key, value in overrides.items():
             setattr(clone, key.lower(), value)
         return clone
+
+
+def parse_span_schedule(text: str, seq_len: int) -> list[tuple[int, float]]:
+    """TRAIN_SPAN_SCHEDULE "1024@0.1,2048@0.7" -> [(1024, 0.1), (2048, 0.7)]: each span holds until its
+    fraction of training; spans grow, fractions rise, and every span is shorter than TRAIN_SEQ_LEN."""
+    items = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            span, frac = item.split("@")
+            items.append((int(span), float(frac)))
+        except ValueError:
+            raise ConfigError(f"TRAIN_SPAN_SCHEDULE item {item!r} is not SPAN@FRACTION (e.g. 1024@0.1,2048@0.7).") from None
+    spans, fracs = [s for s, _ in items], [f for _, f in items]
+    if items and not (spans == sorted(set(spans)) and fracs == sorted(set(fracs)) and 0 < spans[0] and spans[-1] < seq_len
+                      and 0 < fracs[0] and fracs[-1] <= 1):
+        raise ConfigError(f"TRAIN_SPAN_SCHEDULE={text!r} must list growing spans below TRAIN_SEQ_LEN={seq_len} with rising "
+                          f"fractions in (0, 1], e.g. 1024@0.1,2048@0.7.")
+    return items
+
+
+def span_at(frac: float, spans: list[tuple[int, float]], seq_len: int) -> int:
+    """The attention span at this fraction of training: the first item whose fraction is not reached yet."""
+    return next((span for span, until in spans if frac < until), seq_len)
 
 
 def split_batch(batch_tokens: int, seq_len: int, world_size: int, accum: int, micro_tokens: int) -> tuple[int, int]:
@@ -861,9 +887,69 @@ try:  # FlashAttention 3 (Hopper); PyTorch's scaled_dot_product_attention is the
     from flash_attn_interface import flash_attn_func as _flash_attn_3
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_attn_3 = None
+from torch.nn.attention.flex_attention import BlockMask, flex_attention  # DOC_MASK's kernel (PyTorch >= 2.5)
+
+FLEX_BLOCK = 128  # flex attention's tile: document masks are described per FLEX_BLOCK x FLEX_BLOCK tile
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def document_ids(ids: Tensor, documents: bool = True, span: int | None = None) -> Tensor:
+    """(B, T) tokens -> (B, T) int32 segment index within each row, +1 at every BOS_ID (documents) and at
+    every multiple of span (TRAIN_SPAN_SCHEDULE). Tokens before a row's first BOS belong to the document that
+    started before the window (index 0)."""
+    starts = ids == BOS_ID if documents else torch.zeros_like(ids, dtype=torch.bool)
+    if span is not None and span < ids.size(1):
+        position = torch.arange(ids.size(1), device=ids.device)
+        starts = starts | ((position % span == 0) & (position > 0))
+    return starts.cumsum(dim=1, dtype=torch.int32)
+
+
+def document_block_mask(doc: Tensor) -> BlockMask:
+    """Flex attention's mask for causal attention inside documents, built from tile summaries, not from the
+    T x T grid. doc (B, T) is nondecreasing along T, so a query tile and an earlier key tile share a document
+    only if the key tile's last document is the query tile's first; the pair needs no per-element mask if
+    both tiles lie wholly inside that one document (and the key tile is strictly earlier)."""
+    B, T = doc.shape
+    n = T // FLEX_BLOCK
+    tiles = doc.view(B, n, FLEX_BLOCK)
+    first, last = tiles[:, :, 0], tiles[:, :, -1]
+    q_first, q_last = first[:, :, None], last[:, :, None]  # (B, n, 1): query tiles
+    k_first, k_last = first[:, None, :], last[:, None, :]  # (B, 1, n): key tiles
+    earlier = torch.ones(n, n, dtype=torch.bool, device=doc.device).tril(-1)
+    diagonal = torch.eye(n, dtype=torch.bool, device=doc.device)
+    touching = (earlier & (k_last == q_first)) | diagonal  # some (query, key) pair may be allowed
+    whole = earlier & (k_first == q_last) & (k_last == q_first)  # every pair allowed: one document, strictly earlier
+    partial = touching & ~whole
+
+    def as_indices(selected: Tensor) -> tuple[Tensor, Tensor]:
+        counts = selected.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, n)
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
+        return counts, order.to(torch.int32)[:, None]  # (B, 1, n, n): the selected key tiles first
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(whole), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_document_causal, seq_lengths=(T, T))
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, flex: bool) -> Tensor:
+    """Causal attention that does not cross documents (DOC_MASK). q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D).
+    flex: the flex-attention kernel, which skips the tiles no document spans (compiled models, T a multiple
+    of FLEX_BLOCK); otherwise SDPA with an explicit (B, 1, T, T) mask, the same result at dense cost."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    T = q.size(2)
+    if flex and T % FLEX_BLOCK == 0 and (q.is_cuda or not q.requires_grad):  # no flex backward on CPU
+        out = flex_attention(q, k, v, block_mask=document_block_mask(doc), enable_gqa=k.size(1) != q.size(1))
+        return out.transpose(1, 2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    if k.size(1) != q.size(1):
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", native_gqa: bool = True) -> Tensor:
@@ -951,14 +1037,18 @@ class Attention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims > 0 else None
         self.runtime = EAGER  # the model's Runtime (GPT.use_runtime): which attention kernel
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None,
+                doc: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_partial_rope(rms_norm(q), cos, sin), apply_partial_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
+        if doc is None:
+            y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
+        else:  # DOC_MASK: doc (B, T) document indices
+            y = document_attention(q, k, v, doc, flex=self.runtime.compiled)
         if self.use_xsa:
             y = remove_self_value(y, v)
         if self.gate is not None:
@@ -1003,12 +1093,12 @@ class Block(nn.Module):
             self.lane_keep = nn.Parameter(torch.ones(2))
             self.lane_mix = nn.Parameter(torch.ones(2, 2))  # [attention | MLP, lane]
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         s = self.ln_scale.to(x.dtype)
         if self.two_lane:
             lane0, lane1 = mix[0] * x[0] + mix[1] * x0, x[1]
-            attn = self.attn(rms_norm(lane0) * s, cos, sin, self.attn_scale)
+            attn = self.attn(rms_norm(lane0) * s, cos, sin, self.attn_scale, doc)
             mlp = self.mlp(rms_norm(lane1) * s, self.mlp_scale)
             keep, w = self.lane_keep.to(x.dtype), self.lane_mix.to(x.dtype)
             return torch.stack((keep[0] * lane0 + w[0, 0] * attn + w[1, 0] * mlp,
@@ -1017,13 +1107,13 @@ class Block(nn.Module):
         # x + attn_scale * attn(.) with the scale folded into attn's output projection (see CastedLinear)
         if self.parallel:
             n = rms_norm(x) * s
-            return x + self.attn(n, cos, sin, self.attn_scale) + self.mlp(n, self.mlp_scale)
-        x = x + self.attn(rms_norm(x) * s, cos, sin, self.attn_scale)
+            return x + self.attn(n, cos, sin, self.attn_scale, doc) + self.mlp(n, self.mlp_scale)
+        x = x + self.attn(rms_norm(x) * s, cos, sin, self.attn_scale, doc)
         return x + self.mlp(rms_norm(x) * s, self.mlp_scale)
 
 
-def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return block(x, x0, cos, sin)
+def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None = None) -> Tensor:
+    return block(x, x0, cos, sin, doc)
 
 
 def merge_skip(x: Tensor, skip: Tensor, weight: Tensor, gate: Tensor | None) -> Tensor:
@@ -1112,6 +1202,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, h.model_dim)) if h.skip_gates_enabled else None
         self.looping = False
+        self.attention_span: int | None = None  # TRAIN_SPAN_SCHEDULE's current span (the trainer sets it)
         self.head_dim, self.rope_dims = h.model_dim // h.num_heads, h.rope_dims or h.model_dim // h.num_heads
         self._rope_cache: dict = {}
         self._init_weights(h.tied_embed_init_std if h.tie_embeddings else 1.0)
@@ -1153,6 +1244,9 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, ids)
         cos, sin = self._rope(ids.size(1), ids.device)
+        # DOC_MASK: attention stays in its document; attention_span (training only): and in its span of tokens
+        masked = self.h.doc_mask or self.attention_span is not None
+        doc = document_ids(ids, self.h.doc_mask, self.attention_span) if masked else None
         # x0 must be a distinct tensor: torch.compile guards on aliasing (x is x0), and passing one tensor
         # twice to the first block would compile a graph just for it.
         x0, x, skips = x, x.clone(), []
@@ -1161,7 +1255,7 @@ class GPT(nn.Module):
         rt = self.runtime
         uses = FanOut.apply(x0, n_uses, rt.sum_tensors) if x0.requires_grad else [x0] * n_uses
         for k, i in enumerate(enc):
-            x = rt.block(self.blocks[i], x, uses[k], cos, sin)
+            x = rt.block(self.blocks[i], x, uses[k], cos, sin, doc)
             skips.append(x)
         if skips:  # the first decoder merge would get x twice (x is skip): keep graphs free of aliasing
             skips[-1] = skips[-1].clone()
@@ -1174,7 +1268,7 @@ class GPT(nn.Module):
                 gate = self.skip_gates[j].clone() if self.skip_gates is not None else None
                 merged = rt.merge_skip(x[0] if lanes else x, skips.pop(), self.skip_weights[j].clone(), gate)
                 x = torch.stack((merged, x[1])) if lanes else merged  # a skip feeds lane 0, the attention's
-            x = rt.block(self.blocks[i], x, uses[len(enc) + j], cos, sin)
+            x = rt.block(self.blocks[i], x, uses[len(enc) + j], cos, sin, doc)
         if x.dim() == 4:
             x = 0.5 * (x[0] + x[1])
         x = self.final_norm(x)
@@ -1710,6 +1804,7 @@ class Trainer:
         if h.warmup_steps <= 0:
             return
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.attention_span = self.span_at(0.0)  # the span-masked graph, which the whole run then uses
         phases = [False, True] if h.num_loops > 0 else [False]
         for looping in phases:
             self.model.looping = looping
@@ -1718,11 +1813,18 @@ class Trainer:
                 if i + 1 == h.warmup_steps:
                     log(f"{'loop_' if looping else ''}warmup_step: {i + 1}/{h.warmup_steps}")
         self.model.looping = False
+        self.model.attention_span = None
         with torch.no_grad():
             self.model.load_state_dict(saved)
         self.opt = Optimizers(h, self.model)
         self.loader.close()
         self.loader = TrainLoader(h, self.device)
+
+    def span_at(self, frac: float) -> int | None:
+        """TRAIN_SPAN_SCHEDULE's span at this fraction of training; None without a schedule. At the end of the
+        schedule it is TRAIN_SEQ_LEN (no cut), kept so the masked graph of the earlier steps is reused."""
+        h = self.h
+        return span_at(frac, h.train_spans, h.train_seq_len) if h.train_spans else None
 
     def auto_reserve(self) -> bool:
         h = self.h
@@ -1806,7 +1908,9 @@ class Trainer:
                     break
                 sync(device)
                 train_ms += 1000 * (time.perf_counter() - t0)
+                span, model.attention_span = model.attention_span, None  # whole windows, as the final scoring
                 loss, bpb, _, _ = evaluate_plain(model, val, h, device)
+                model.attention_span = span
                 log(f"{step}/{h.iterations} val_loss: {loss:.4f} val_bpb: {bpb:.4f}")
                 t0 = time.perf_counter()
             # the step about to be queued starts on the GPU when the one in flight ends
@@ -1815,6 +1919,10 @@ class Trainer:
                 model.looping = True
                 enc, dec = model.layer_order()
                 log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+            span = self.span_at(frac)
+            if span != model.attention_span:
+                model.attention_span = span
+                log(f"attention_span: step:{step} frac:{frac:.3f} span:{span}")
             loss = self.step(step, lr_scale_at(frac, h.warmdown_frac, h.min_lr), h.grad_accum_steps,
                              poison=step + 1 == h.debug_nan_at_step)
             ema.update()
@@ -1826,6 +1934,7 @@ class Trainer:
             check_oldest()
         sync(device)
         train_ms += 1000 * (time.perf_counter() - t0)
+        model.attention_span = None  # evaluation and calibration see whole windows
         if stopped_by_cap:
             log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{h.iterations}")
         log(f"train_end: step:{step} train_time:{train_ms:.0f}ms reason:{'wallclock_cap' if stopped_by_cap else 'iterations'}")
@@ -3256,7 +3365,7 @@ def load_eval_model(path: Path, h, device) -> tuple[GPT, object]:
     parsed = parse_artifact(blob, str(path))
     meta = parsed[0]
     # Model switches added after the artifact format: an artifact made before them was made without them.
-    config = {"ATTN_GATE": False, "SMEAR_GATE": False, "TWO_LANE_START": -1, **meta["config"]}
+    config = {"ATTN_GATE": False, "SMEAR_GATE": False, "TWO_LANE_START": -1, "DOC_MASK": False, **meta["config"]}
     differs = [k for k, v in config.items() if k in h.explicit and getattr(h, k.lower()) != v]
     if differs:
         log(f"warning: the artifact's own {', '.join(differs)} override the environment's for evaluation")
