@@ -1048,7 +1048,9 @@ class Attention(nn.Module):
         if doc is None:
             y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
         else:  # DOC_MASK: doc (B, T) document indices
-            y = document_attention(q, k, v, doc, flex=self.runtime.compiled)
+            # flex only inside a compiled graph: eager flex is a slow reference (GPTQ's hooks and document TTT
+            # run these blocks eagerly even in a compiled runtime)
+            y = document_attention(q, k, v, doc, flex=torch.compiler.is_compiling())
         if self.use_xsa:
             y = remove_self_value(y, v)
         if self.gate is not None:

@@ -152,8 +152,28 @@ def test_compiled_flex_path_matches_eager_and_compiles_once_for_any_layout():
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # the second layout compiled nothing
         for got, want in zip(compiled, eager):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # the compiled block's one graph holds the flex kernel; eager calls take the masked SDPA path
+        x, doc = torch.randn(1, 2 * BLOCK, 32), tg.document_ids(rows[0])
+        cos, sin = model._rope(2 * BLOCK, "cpu")
+        with torch.no_grad():
+            traced = torch._dynamo.explain(tg.run_block)(model.blocks[0], x, x.clone(), cos, sin, doc)
+        assert traced.graph_count == 1 and "flex_attention" in traced.graphs[0].code
     finally:
         torch._dynamo.reset()
+
+
+def test_eager_blocks_never_take_flex(monkeypatch):
+    """GPTQ's hooks and document TTT run the blocks eagerly inside a compiled runtime: they must get masked SDPA
+    (eager flex is a slow reference that builds the whole score matrix)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("flex attention called eagerly")
+
+    monkeypatch.setattr(tg, "flex_attention", refuse)
+    h = tiny_h(DOC_MASK=1, COMPILE=1)
+    model = randomize(tg.GPT(h), seed=1)
+    model.use_runtime(tg.Runtime(compiled=True))  # compiled flag, eager functions: what those two paths use
+    with torch.no_grad():
+        model.forward_hidden(rows_with_documents([[0, 100]], 2 * BLOCK))
 
 
 # ---------------------------------------------------------------------------------------- span schedule
