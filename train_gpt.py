@@ -931,8 +931,9 @@ def document_block_mask(doc: Tensor) -> BlockMask:
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
+    # T is a multiple of FLEX_BLOCK here, so the tile counts give the lengths (no seq_lengths: PyTorch 2.9 safe)
     return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(whole), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=same_document_causal, seq_lengths=(T, T))
+                                    mask_mod=same_document_causal)
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, flex: bool) -> Tensor:
