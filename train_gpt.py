@@ -943,6 +943,9 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, flex: bool)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     T = q.size(2)
     if flex and T % FLEX_BLOCK == 0 and (q.is_cuda or not q.requires_grad):  # no flex backward on CPU
+        # The tile mask is rebuilt in each block's graph from doc (a few (B, T/128, T/128) ops, fused): a BlockMask
+        # made once per forward would enter the compiled blocks as a new closure over doc every step, which risks
+        # a recompile per step; doc itself is a plain tensor input (tested: no recompile for a new layout).
         out = flex_attention(q, k, v, block_mask=document_block_mask(doc), enable_gqa=k.size(1) != q.size(1))
         return out.transpose(1, 2)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()

@@ -63,7 +63,7 @@ SAMPLE_DATASET = REPO / "data" / "sample" / "datasets" / "fineweb10B_sp8192"
 def sample_stream(split: str, n_docs: int) -> np.ndarray:
     """The first n_docs documents of the bundled sample's split as one token stream ([BOS] + ids each)."""
     tokens = np.concatenate([tg.read_shard(p) for p in sorted(SAMPLE_DATASET.glob(f"fineweb_{split}_*.bin"))])
-    starts = np.flatnonzero(tokens == 1).tolist() + [tokens.size]
+    starts = np.flatnonzero(tokens == tg.BOS_ID).tolist() + [tokens.size]
     return tokens[:starts[min(n_docs, len(starts) - 1)]]
 
 

@@ -171,7 +171,8 @@ def build(logs, name, author="", github_id="", technique="", date=None, out=None
           script: Path = REPO_DIR / "train_gpt.py", requirements: Path = REPO_DIR / "requirements.txt",
           force: bool = False, packed: Path | None = None, repo: Path = REPO_DIR, tokenizer: Path | None = None) -> Path:
     runs = load_runs(logs)
-    digest = check_tokenizer(Path(tokenizer), runs) if tokenizer is not None else None
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
+    digest = check_tokenizer(tokenizer, runs) if tokenizer is not None else None
     date = date or datetime.date.today().isoformat()
     out = Path(out) if out else REPO_DIR / "records" / folder_name(date, name)
     script, requirements = Path(script), Path(requirements)
@@ -198,8 +199,8 @@ def build(logs, name, author="", github_id="", technique="", date=None, out=None
         note = ""
         if tokenizer is not None:
             (staging / "tokenizer").mkdir()
-            shutil.copyfile(tokenizer, staging / "tokenizer" / Path(tokenizer).name)
-            note = (f"\nThe runs read shards made with the SentencePiece model `tokenizer/{Path(tokenizer).name}` "
+            shutil.copyfile(tokenizer, staging / "tokenizer" / tokenizer.name)
+            note = (f"\nThe runs read shards made with the SentencePiece model `tokenizer/{tokenizer.name}` "
                     f"(sha256 `{digest}`, as each log's `data:` line says); DATA_DIR must hold shards made with it "
                     "(`data/prepare.py` in the repository makes them) and its copy under `tokenizers/`.\n")
         (staging / "README.md").write_text(readme(sub, results_table(runs), runs, packed_bytes.decode("utf-8"), note),

@@ -30,11 +30,10 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 SCRIPT = "train_gpt.py"
 
-# The FineWeb validation split (first 50,000 documents) is about 62 M SP8192 tokens (SPEC section 1);
-# the bundled sample and proxy corpora are 1-2 M. A window around 62 M tells the two apart from the
+# The FineWeb validation split (first 50,000 documents) is about 62 M SP8192 tokens (SPEC section 1), and
+# ~6.5 % more as case-operator shards (data/prepare.py --input-shards ... --case-ops; measured on the proxy
+# corpus); the bundled sample and proxy corpora are 1-2 M. A window around 62 M tells the two apart from the
 # logged count alone; the shard path layout cannot (proxy corpora reuse the fineweb10B_sp8192 names).
-# FineWeb's val split is ~62 M tokens with the challenge's SP8192 tokenizer; the same documents as case-operator
-# shards (data/prepare.py --input-shards ... --case-ops) take ~6.5 % more (measured on the proxy corpus).
 FINEWEB_VAL_TOKENS = (60_000_000, 68_000_000)
 FINEWEB_VAL_FILES = re.compile(r"(^|/)datasets/fineweb10B_sp\d+/fineweb_val_\*\.bin$")
 
