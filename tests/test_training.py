@@ -187,12 +187,14 @@ def test_looping_switches_on_at_the_configured_fraction(tiny_data, tmp_path):
 @pytest.mark.slow  # a whole train_gpt.py (or tool) process
 def test_document_mask_and_span_schedule_run_every_stage(tiny_data, tmp_path):
     """Issue 16 item 3: DOC_MASK=1 with a growing attention span trains, switches the span at the fractions
-    asked, and scores every stage from the artifact (which carries DOC_MASK)."""
-    env = tiny_settings(tiny_data, DOC_MASK="1", TRAIN_SPAN_SCHEDULE="16@0.25,32@0.5", TTT_ENABLED="1")
+    asked, and scores every stage from the artifact (which carries DOC_MASK), with two lanes in the last block
+    as the record preset has them."""
+    env = tiny_settings(tiny_data, DOC_MASK="1", TRAIN_SPAN_SCHEDULE="16@0.25,32@0.5", TTT_ENABLED="1",
+                        TWO_LANE_START="2")
     _, log = run_ok(env, tmp_path / "docmask")
     spans = re.findall(r"^attention_span: step:(\d+) frac:[\d.]+ span:(\d+)$", log, re.M)
     assert spans == [("0", "16"), ("2", "32"), ("4", "64")]  # 8 steps: the span grows at steps 2 and 4
-    assert "  DOC_MASK=True" in log
+    assert "  DOC_MASK=True" in log and "  TWO_LANE_START=2" in log
     for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"):
         loss, bpb = stage(log, name)
         assert 0 < loss < 7 and 0 < bpb
