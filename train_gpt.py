@@ -190,12 +190,12 @@ SETTINGS: list[Setting] = [
     _s("LOOP_END", int, 5, "last looped block (inclusive)", min=0),
     _s("ENABLE_LOOPING_AT", float, 0.35, "training fraction at which recurrence switches on", min=0, max=1),
     _s("PARALLEL_RESIDUAL_START", int, 7, "blocks from this index on are parallel (GPT-J); -1 = none", min=-1),
-    _s("TWO_LANE_START", int, 8, "ours: blocks from this index on carry two residual lanes (attention reads one, the MLP the other); -1 = none; must come after every looped block and in the decoder", min=-1),
+    _s("TWO_LANE_START", int, -1, "ours: blocks from this index on carry two residual lanes (attention reads one, the MLP the other); -1 = none; must come after every looped block and in the decoder", min=-1),
     _s("ATTN_GATE", bool, True, "ours: sparse attention output gate, one sigmoid per head read from ATTN_GATE_DIMS input channels"),
     _s("ATTN_GATE_DIMS", int, 12, "ours: input channels the attention output gate reads", min=1),
     _s("SMEAR_GATE", bool, True, "ours: BOS-safe previous-token mixing at the input, gated from SMEAR_GATE_DIMS channels"),
     _s("SMEAR_GATE_DIMS", int, 12, "ours: input channels the smear gate reads", min=1),
-    _s("DOC_MASK", bool, True, "ours: attention stays inside each document (a BOS_ID token starts one), in training and evaluation; flex attention when compiled, SDPA with a mask otherwise"),
+    _s("DOC_MASK", bool, False, "ours: attention stays inside each document (a BOS_ID token starts one), in training and evaluation; flex attention when compiled, SDPA with a mask otherwise"),
     # --- optimizer
     _s("TIED_EMBED_LR", float, 0.03, "AdamW LR of the tied embedding", min=0),
     _s("EMBED_LR", float, 0.6, "AdamW LR of the embedding when untied", min=0),
@@ -269,9 +269,6 @@ SMALL_PRESET = {
     "VAL_BATCH_TOKENS": 16384, "MUON_MOMENTUM_WARMUP_STEPS": 50, "EMA_DECAY": 0.97,
     "GPTQ_CALIBRATION_BATCHES": 8, "MATRIX_LR": 0.04, "TTT_ENABLED": True,
     "TTT_CHUNK_TOKENS": 8192, "EVAL_BATCH_SEQS": 32, "TTT_BATCH_SEQS": 8, "QUANT_MIN_NUMEL": 4096,
-    # The record's block 8 does not exist in 4 layers; the CPU smoke run keeps one residual lane. Without
-    # flex attention on CPU, the document mask would be a dense (T, T) mask in every call: the smoke run skips it.
-    "TWO_LANE_START": -1, "DOC_MASK": False,
 }
 
 

@@ -60,12 +60,9 @@ def test_record_model_parameter_count_and_layout():
     h = tg.Hyperparameters(environ={"PRESET": "record"}, cuda_available=True)
     torch.manual_seed(0)
     model = tg.GPT(h)
-    # the record's 35,944,536 (SPEC §4), plus what issue 16 kept: the gates (8 x 12 per layer's attention, 12 + 1
-    # smear) and two lanes in blocks 8-10 (2 keeps + 2 x 2 mixes each)
-    assert sum(p.numel() for p in model.parameters()) == 35_944_536 + 11 * 8 * 12 + 13 + 3 * 6
-    assert [blk.two_lane for blk in model.blocks] == [False] * 8 + [True] * 3
-    plain = tg.GPT(tg.Hyperparameters(environ={"PRESET": "record", "ATTN_GATE": "0", "SMEAR_GATE": "0",
-                                               "TWO_LANE_START": "-1"}, cuda_available=True))
+    # the record's 35,944,536 (SPEC §4), plus the gates kept in issue 16: 8 x 12 per layer's attention, 12 + 1 smear
+    assert sum(p.numel() for p in model.parameters()) == 35_944_536 + 11 * 8 * 12 + 13
+    plain = tg.GPT(tg.Hyperparameters(environ={"PRESET": "record", "ATTN_GATE": "0", "SMEAR_GATE": "0"}, cuda_available=True))
     assert sum(p.numel() for p in plain.parameters()) == 35_944_536
     assert model.tok_emb.weight.shape == (8192, 512) and model.lm_head is None
     assert model.embed_proj is None and model.head_proj is None
