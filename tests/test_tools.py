@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools import compare_curves, logparse, pack_record, plot_loss, provenance, run_seeds, significance, summarize, trace_gaps  # noqa: E402
+from tools import ab_table, compare_curves, logparse, pack_record, plot_loss, provenance, run_seeds, significance, summarize, trace_gaps  # noqa: E402
 
 SOURCE = "print('readable training script')\n" * 50
 PACKED = "#packed\n" + "x" * 123 + "\n"
@@ -502,7 +503,7 @@ def test_plot_loss_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ all tools
 
-@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves", "provenance"])
+@pytest.mark.parametrize("tool", ["run_seeds", "summarize", "significance", "plot_loss", "pack_record", "logparse", "compare_curves", "provenance", "ab_table"])
 def test_help(tool):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
@@ -530,6 +531,38 @@ def test_compare_curves_within_and_outside_noise(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tested"]["max_at"] == 120 and out["tested"]["max_abs"] == pytest.approx(0.2, abs=1e-6)
     assert compare_curves.main([ref, str(tmp_path / "missing.txt")]) == 2
+
+
+def test_ab_table_pairs_seeds_and_reads_stages_and_throughput_from_real_logs(capsys):
+    """The committed runs: the night session's three seeds of 195bf2d (A) against the late evening's of
+    44eb3b2 (B), the same computation on two machines."""
+    a = sorted(str(p) for p in (REPO / "records/2026-12-03_OneFile_v3_1xH200_ProxyCorpusCaseOps").glob("train_seed*.log"))
+    b = sorted(str(p) for p in (REPO / "logs").glob("train_seed*.log"))
+    assert ab_table.main(["--a", *a, "--b", *b]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    deltas = {r[0].strip("| "): r for r in rows if len(r) > 1 and r[1] == "B − A" and r[0] != "| mean"}
+    assert sorted(deltas) == ["314", "42", "999"]
+    la, lb = logparse.parse_log(a[1]), logparse.parse_log(b[1])  # sorted names: seed314, seed42, seed999
+    assert la.seed == lb.seed == 42
+    assert deltas["42"][2] == f"{lb.steps - la.steps:,}"
+    assert deltas["42"][6] == f"{lb.stages['ttt'].val_bpb - la.stages['ttt'].val_bpb:+.5f}"
+    # tokens/s before recurrence: from the step-50 line to the last one logged before `layer_loop:enabled`
+    text = Path(b[1]).read_text()
+    ms = {int(m[0]): int(m[1]) for m in re.findall(r"^(\d+)/20000 train_loss: \S+ train_time: (\d+)ms", text, re.M)}
+    switch = int(re.search(r"layer_loop:enabled step:(\d+)", text)[1])
+    last = max(step for step in ms if step < switch)
+    pre, loop = ab_table.throughput(lb, text)
+    assert pre == pytest.approx(196608 * (last - 50) / ((ms[last] - ms[50]) / 1000))
+    assert 700e3 < loop < pre
+
+
+def test_ab_table_refuses_unpaired_seeds_and_incomplete_logs(capsys):
+    logs = sorted(str(p) for p in (REPO / "logs").glob("train_seed*.log"))
+    assert ab_table.main(["--a", logs[0], "--b", logs[1]]) == 2
+    assert "do not pair" in capsys.readouterr().err
+    diverged = str(REPO / "notes/screening/2026-12-03_52ecd23_seed42_docmask_nan_train.log")  # NaN at step 3
+    assert ab_table.main(["--a", logs[1], "--b", diverged]) == 2
+    assert "not a complete seed log" in capsys.readouterr().err
 
 
 def test_trace_gaps_finds_idle_time_and_the_host_operation_it_waited_for(tmp_path):
