@@ -65,7 +65,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -936,20 +936,36 @@ def document_block_mask(doc: Tensor) -> BlockMask:
                                     mask_mod=same_document_causal)
 
 
-def document_attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, flex: bool) -> Tensor:
+class Documents(NamedTuple):
+    """DOC_MASK's view of a batch: ids (B, T) document index of every token (document_ids), and tiles, flex
+    attention's tile mask (document_block_mask) when the compiled blocks will use flex, else None."""
+    ids: Tensor
+    tiles: BlockMask | None
+
+
+def documents(ids: Tensor, doc_mask: bool, span: int | None, flex: bool) -> Documents:
+    """The batch's Documents. The tile mask is built here, eagerly, once per forward, and enters the compiled
+    blocks as an input (a new layout does not recompile them). Built inside the compiled graph it was wrong on
+    the H200 (PyTorch 2.11; most likely the sorts that order the tile lists, which inductor turns into Triton
+    sort kernels) and the loss became NaN at step 3; bench/flex_check.py shows the in-graph mask's errors and
+    the eager mask's agreement with masked SDPA. flex: the runtime compiles the blocks; no tile mask for lengths that are not a
+    multiple of FLEX_BLOCK, or for CPU training (flex has no CPU backward)."""
+    doc = document_ids(ids, doc_mask, span)
+    usable = flex and ids.size(1) % FLEX_BLOCK == 0 and (ids.is_cuda or not torch.is_grad_enabled())
+    return Documents(doc, document_block_mask(doc) if usable else None)
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, doc: Documents, flex: bool) -> Tensor:
     """Causal attention that does not cross documents (DOC_MASK). q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D).
-    flex: the flex-attention kernel, which skips the tiles no document spans (compiled models, T a multiple
-    of FLEX_BLOCK); otherwise SDPA with an explicit (B, 1, T, T) mask, the same result at dense cost."""
+    flex (inside a compiled graph) with a tile mask: the flex-attention kernel, which skips the tiles no
+    document spans; otherwise SDPA with an explicit (B, 1, T, T) mask, the same result at dense cost."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     T = q.size(2)
-    if flex and T % FLEX_BLOCK == 0 and (q.is_cuda or not q.requires_grad):  # no flex backward on CPU
-        # The tile mask is rebuilt in each block's graph from doc (a few (B, T/128, T/128) ops, fused): a BlockMask
-        # made once per forward would enter the compiled blocks as a new closure over doc every step, which risks
-        # a recompile per step; doc itself is a plain tensor input (tested: no recompile for a new layout).
-        out = flex_attention(q, k, v, block_mask=document_block_mask(doc), enable_gqa=k.size(1) != q.size(1))
+    if flex and doc.tiles is not None and (q.is_cuda or not q.requires_grad):  # no flex backward on CPU
+        out = flex_attention(q, k, v, block_mask=doc.tiles, enable_gqa=k.size(1) != q.size(1))
         return out.transpose(1, 2)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    mask = (causal & (doc.ids[:, :, None] == doc.ids[:, None, :]))[:, None]
     if k.size(1) != q.size(1):
         group = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -1042,7 +1058,7 @@ class Attention(nn.Module):
         self.runtime = EAGER  # the model's Runtime (GPT.use_runtime): which attention kernel
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None,
-                doc: Tensor | None = None) -> Tensor:
+                doc: Documents | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1051,7 +1067,7 @@ class Attention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if doc is None:
             y = causal_attention(q, k, v, self.runtime.attention, self.runtime.native_gqa)
-        else:  # DOC_MASK: doc (B, T) document indices
+        else:  # DOC_MASK: the batch's document indices and (compiled runtimes) flex's tile mask
             # flex only inside a compiled graph: eager flex is a slow reference (GPTQ's hooks and document TTT
             # run these blocks eagerly even in a compiled runtime)
             y = document_attention(q, k, v, doc, flex=torch.compiler.is_compiling())
@@ -1099,7 +1115,7 @@ class Block(nn.Module):
             self.lane_keep = nn.Parameter(torch.ones(2))
             self.lane_mix = nn.Parameter(torch.ones(2, 2))  # [attention | MLP, lane]
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Documents | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         s = self.ln_scale.to(x.dtype)
         if self.two_lane:
@@ -1118,7 +1134,7 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x) * s, self.mlp_scale)
 
 
-def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Tensor | None = None) -> Tensor:
+def run_block(block: Block, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, doc: Documents | None = None) -> Tensor:
     return block(x, x0, cos, sin, doc)
 
 
@@ -1252,7 +1268,7 @@ class GPT(nn.Module):
         cos, sin = self._rope(ids.size(1), ids.device)
         # DOC_MASK: attention stays in its document; attention_span (training only): and in its span of tokens
         masked = self.h.doc_mask or self.attention_span is not None
-        doc = document_ids(ids, self.h.doc_mask, self.attention_span) if masked else None
+        doc = documents(ids, self.h.doc_mask, self.attention_span, self.runtime.compiled) if masked else None
         # x0 must be a distinct tensor: torch.compile guards on aliasing (x is x0), and passing one tensor
         # twice to the first block would compile a graph just for it.
         x0, x, skips = x, x.clone(), []

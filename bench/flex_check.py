@@ -2,10 +2,14 @@
 
     python bench/flex_check.py [--rows 8] [--seq 2048]
 
-The first GPU run of DOC_MASK=1 (2026-12-03) lost its loss to NaN at step 3 while the same commit without the
-mask trained; flex has no CPU backward, so the tests cannot see its gradients. This prints, per document
-layout and per way of building the mask, the largest error of the output and of dq/dk/dv against an fp32
-SDPA reference with the same mask, and whether any value is not finite. One JSON line per case.
+The first GPU run of DOC_MASK=1 (2026-12-03, PyTorch 2.11) lost its loss to NaN at step 3 while the same
+commit without the mask trained; flex has no CPU backward, so the tests cannot see its gradients. This
+prints, per document layout and per way of building the mask, the largest error of the output and of
+dq/dk/dv against an fp32 SDPA reference with the same mask, and whether any value is not finite. One JSON
+line per case. Ways: `train_gpt` (the tile mask built eagerly by documents(), the compiled attention taking
+it as an input: what the script does since that run), `in_graph` (the tile mask built inside the compiled
+graph: what that run did, wrong on mixed layouts), and `create_block_mask` (PyTorch's own builder from the
+element rule, eager).
 """
 from __future__ import annotations
 
@@ -64,14 +68,15 @@ def main() -> int:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     dev, H, Hkv, D = "cuda", 8, 4, 64
-    compiled_doc_attention = torch.compile(
-        lambda q, k, v, doc: tg.document_attention(q, k, v, doc, flex=torch.compiler.is_compiling()), dynamic=False)
+    compiled_attention = torch.compile(
+        lambda q, k, v, docs: tg.document_attention(q, k, v, docs, flex=torch.compiler.is_compiling()), dynamic=False)
+    compiled_in_graph = torch.compile(  # the mask built inside the graph: the NaN run's way
+        lambda q, k, v, doc: tg.document_attention(q, k, v, tg.Documents(doc, tg.document_block_mask(doc)),
+                                                   flex=torch.compiler.is_compiling()), dynamic=False)
     compiled_flex = torch.compile(flex_attention, dynamic=False)
 
-    def outside_mask(q, k, v, doc):  # the tile mask built eagerly, passed to a compiled flex kernel
-        out = compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                            block_mask=tg.document_block_mask(doc), enable_gqa=True)
-        return out.transpose(1, 2)
+    def script_way(q, k, v, doc):  # documents() builds the tile mask eagerly; the compiled attention takes it
+        return compiled_attention(q, k, v, tg.Documents(doc, tg.document_block_mask(doc)))
 
     def reference_mask(q, k, v, doc):  # PyTorch's own mask builder from the element rule
         def rule(b, h, qi, ki):
@@ -80,16 +85,15 @@ def main() -> int:
         out = compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
 
-    ways = {"in_graph (train_gpt)": compiled_doc_attention, "tile_mask_eager": outside_mask,
-            "create_block_mask": reference_mask}
+    ways = {"train_gpt": script_way, "in_graph": compiled_in_graph, "create_block_mask": reference_mask}
     for layout, ids in layouts(args.rows, args.seq, gen).items():
-        doc = tg.document_ids(ids.to(dev))
+        doc = tg.documents(ids.to(dev), True, None, flex=True).ids
         q = torch.randn(args.rows, args.seq, H, D, device=dev, dtype=torch.bfloat16)
         k = torch.randn(args.rows, args.seq, Hkv, D, device=dev, dtype=torch.bfloat16)
         v = torch.randn(args.rows, args.seq, Hkv, D, device=dev, dtype=torch.bfloat16)
         grad_out = torch.randn(args.rows, args.seq, H, D, device=dev, dtype=torch.bfloat16)
         ref = run_case("sdpa", q.float(), k.float(), v.float(), grad_out.float(), doc,
-                       lambda q, k, v, doc: tg.document_attention(q, k, v, doc, flex=False))
+                       lambda q, k, v, doc: tg.document_attention(q, k, v, tg.Documents(doc, None), flex=False))
         for way, attention in ways.items():
             row = {"layout": layout, "way": way}
             try:
