@@ -1457,10 +1457,9 @@ def ns_schedule(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]
     return (NS_COEFFS,) * steps
 
 
-def newton_schulz(G: Tensor, steps: int, schedule: tuple | None = None) -> Tensor:
+def newton_schulz(G: Tensor, schedule: tuple[tuple[float, float, float], ...]) -> Tensor:
     """Approximately orthogonalize a batch of matrices (n, r, c) with r <= c, in bf16. schedule: the (a, b, c)
-    of each step (ns_schedule); None = the quintic for `steps` steps."""
-    schedule = schedule or (NS_COEFFS,) * steps
+    of each step (ns_schedule), so its length is the number of steps."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b, c in schedule:
@@ -1484,7 +1483,7 @@ class Muon(torch.optim.Optimizer):
                  ns_coeffs: str = "quintic"):
         params = list(params)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.row_normalize = backend_steps, row_normalize
+        self.row_normalize = row_normalize
         self.ns_schedule = ns_schedule(ns_coeffs, backend_steps)
         self.orthogonalize = orthogonalize  # newton_schulz, compiled on GPU (Runtime.newton_schulz)
         self.rank, self.world_size = rank, world_size
@@ -1540,7 +1539,7 @@ class Muon(torch.optim.Optimizer):
                     G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 tall.append(G.size(1) > G.size(2))
                 oriented.append(G.mT if tall[-1] else G)
-            X = self.orthogonalize(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.backend_steps, self.ns_schedule)
+            X = self.orthogonalize(torch.cat(oriented) if len(oriented) > 1 else oriented[0], self.ns_schedule)
             for (idx, start, end), G, t in zip(runs, oriented, tall):
                 U, X = X[:G.size(0)], X[G.size(0):]
                 U = U.mT if t else U
