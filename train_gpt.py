@@ -229,6 +229,7 @@ SETTINGS: list[Setting] = [
     _s("LQER_RANK", int, 0, "ours: rank of the low-rank correction of the quantization error, stored for the LQER_TOP_K matrices it helps most (0 = off)", min=0),
     _s("LQER_TOP_K", int, 3, "ours: how many GPTQ matrices get the low-rank correction", min=1),
     _s("LQER_BITS", int, 8, "ours: bits of the correction's two factors (one scale per factor row)", min=2, max=8),
+    _s("AWQ_ALPHA", float, 0.0, "ours: activation-aware scaling before GPTQ: each matrix's input columns are multiplied by (input RMS / mean RMS)^AWQ_ALPHA, snapped to 2^(k/16), before quantization, and the loader divides them back out (one fp16 scale per input column of each matrix; 0 = off)", min=0, max=1),
     _s("QUANT_MIN_NUMEL", int, 65536, "ours: 2-D weights with more values than this are GPTQ-quantized, smaller ones kept as fp16", min=0),
     _s("COMPRESSOR", str, "brotli", "brotli | lzma", choices=("brotli", "lzma")),
     _s("ARTIFACT_FIT", bool, False, "ours: if over 16,000,000 bytes, tighten MATRIX_CLIP_SIGMAS until it fits (logged)"),
@@ -2153,12 +2154,14 @@ class QuantizedTensor:
     scale_top: float = 0.0  # largest row scale (float32)
     scale_codes: np.ndarray | None = None  # uint8 (rows,): scale = top * 2^(-code/32)
     values: np.ndarray | None = None  # float16, for bits == 16
+    col_scale: np.ndarray | None = None  # float16 (cols,): AWQ_ALPHA's column scales, divided out after the rows'
 
     def dequantize(self) -> Tensor:
         if self.bits == 16:
             return torch.from_numpy(self.values.astype(np.float32)).view(self.shape)
         scales = scales_from_codes(np.float32(self.scale_top), self.scale_codes)
-        return torch.from_numpy(self.codes.astype(np.float32) * scales[:, None])
+        W = torch.from_numpy(self.codes.astype(np.float32) * scales[:, None])
+        return W if self.col_scale is None else W / torch.from_numpy(self.col_scale.astype(np.float32))
 
 
 def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigmas: float | None = None) -> tuple[list[QuantizedTensor], list[str]]:
@@ -2179,7 +2182,8 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
         # ARTIFACT_FIT's coarser grid (clip above MATRIX_CLIP_SIGMAS) scales the MLP's own k alike
         key_clip = clip * h.mlp_clip_sigmas / h.matrix_clip_sigmas if ".mlp." in key and h.mlp_clip_sigmas > 0 else clip
         clip_of[key] = h.embed_clip_sigmas if key == "head" else key_clip
-    results = gptq_jobs(state, jobs, bits_of, clip_of, hessians, notes)
+    alpha_of = {key: 0.0 if key == "head" else h.awq_alpha for key in jobs}
+    results = gptq_jobs(state, jobs, bits_of, clip_of, hessians, notes, alpha_of)
     if h.matrix_extra_bit_top_k > 0:
         # Spend bytes where quantization hurts most: the groups with the largest output error per weight get one
         # more bit (about a quarter of the error for ~1 more bit per weight), quantized again from the float weights.
@@ -2187,7 +2191,8 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], h, matrix_clip_sigma
                       / sum(state[n].numel() for n in names)
                       for key, names in jobs.items() if key != "head" and bits_of[key] < 8}
         upgrade = sorted(per_weight, key=lambda k: -per_weight[k])[:h.matrix_extra_bit_top_k]
-        results.update(gptq_jobs(state, {k: jobs[k] for k in upgrade}, {k: bits_of[k] + 1 for k in upgrade}, clip_of, hessians, notes))
+        results.update(gptq_jobs(state, {k: jobs[k] for k in upgrade}, {k: bits_of[k] + 1 for k in upgrade}, clip_of, hessians,
+                                 notes, alpha_of))
         notes.append("extra bit: " + ", ".join(upgrade))
     out = []
     for name, t in state.items():
@@ -2203,18 +2208,34 @@ def weighted_quant_error(W: Tensor, q: "QuantizedTensor", H: Tensor) -> float:
     return float(((E @ H.to(W.device).double()) * E).sum())
 
 
+def awq_column_scales(H: Tensor, alpha: float) -> Tensor:
+    """AWQ_ALPHA's column scales for a batch of Hessians H (n, cols, cols): (input RMS / its mean)^alpha per
+    column, snapped to 2^(k/16) within [1/16, 16] and rounded to fp16, the values the artifact stores (so the
+    quantizer and the loader use the same numbers). Inputs that never fire get 1/16."""
+    rms = torch.diagonal(H, dim1=-2, dim2=-1).float().clamp_min(0).sqrt()
+    ratio = rms / rms.mean(-1, keepdim=True).clamp_min(1e-12)
+    log2 = (alpha * torch.log2(ratio.clamp_min(2.0 ** -32))).clamp(-4, 4)
+    return (2.0 ** (torch.round(16 * log2) / 16)).half().float()
+
+
 def gptq_jobs(state: dict[str, Tensor], jobs: dict[str, list[str]], bits_of: dict[str, int], clip_of: dict[str, float],
-              hessians: dict[str, Tensor], notes: list[str]) -> dict[str, "QuantizedTensor"]:
-    """GPTQ for each job (the weights that share one Hessian, rows stacked), jobs of one shape, bit width and
-    clip batched into one call; returns a QuantizedTensor per weight name."""
+              hessians: dict[str, Tensor], notes: list[str], alpha_of: dict[str, float] | None = None) -> dict[str, "QuantizedTensor"]:
+    """GPTQ for each job (the weights that share one Hessian, rows stacked), jobs of one shape, bit width, clip
+    and AWQ alpha batched into one call; returns a QuantizedTensor per weight name. With an alpha, the job is
+    quantized as W diag(s) under the Hessian diag(s)^-1 H diag(s)^-1 (the same layer outputs), so input columns
+    that carry more activation get a finer share of each row's grid; s is stored with the codes."""
+    alpha_of = alpha_of or {}
     batches: dict[tuple, list[str]] = {}
     for key, names in jobs.items():
         rows = sum(state[n].size(0) for n in names)
-        batches.setdefault((rows, state[names[0]].size(1), bits_of[key], clip_of[key]), []).append(key)
+        batches.setdefault((rows, state[names[0]].size(1), bits_of[key], clip_of[key], alpha_of.get(key, 0.0)), []).append(key)
     results: dict[str, QuantizedTensor] = {}
-    for (rows, cols, bits, clip_k), keys in sorted(batches.items(), key=lambda kv: str(kv[0])):
+    for (rows, cols, bits, clip_k, alpha), keys in sorted(batches.items(), key=lambda kv: str(kv[0])):
         W = torch.stack([torch.cat([state[n] for n in jobs[k]], 0) for k in keys])
         H = torch.stack([hessians[k] for k in keys]).to(W.device)
+        col = awq_column_scales(H, alpha).to(W.device) if alpha > 0 else None
+        if col is not None:
+            W, H = W * col[:, None, :], H / (col[:, :, None] * col[:, None, :])
         Q, top, scale_codes = gptq_quantize(W, H, bits, clip_k, notes=notes)
         for b, key in enumerate(keys):
             start = 0
@@ -2222,12 +2243,14 @@ def gptq_jobs(state: dict[str, Tensor], jobs: dict[str, list[str]], bits_of: dic
                 r = state[name].size(0)
                 results[name] = QuantizedTensor(name, tuple(state[name].shape), bits,
                                                 codes=Q[b, start:start + r].cpu().numpy(), scale_top=float(top[b]),
-                                                scale_codes=scale_codes[b, start:start + r])
+                                                scale_codes=scale_codes[b, start:start + r],
+                                                col_scale=None if col is None else col[b].cpu().numpy().astype(np.float16))
                 start += r
     return results
 
 
 LQER_SUFFIXES = (".lqer_a", ".lqer_b")  # the two factors of a weight's correction, stored after all parameters
+AWQ_SUFFIX = ".awq_cols"  # AWQ_ALPHA: a weight's column scales, stored as fp16 after the LQER factors
 
 
 def maxabs_codes(M: Tensor, bits: int) -> tuple[np.ndarray, float, np.ndarray]:
@@ -2403,11 +2426,15 @@ def decompress(data: bytes, compressor: str) -> bytes:
 
 def serialize_artifact(tensors: list[QuantizedTensor], config: dict, compressor: str, eval_settings: dict | None = None) -> bytes:
     """eval_settings (EVAL_* and TTT_* of the run) go into the JSON as "eval"; artifacts without it still load."""
+    scaled = [t for t in tensors if t.col_scale is not None]
+    tensors = tensors + [QuantizedTensor(t.name + AWQ_SUFFIX, (t.shape[1],), 16, values=t.col_scale) for t in scaled]
     table = [[t.bits, *t.shape] for t in tensors]
     meta = {"config": config, "table": table, "names_digest": names_digest((t.name, list(t.shape)) for t in tensors)}
     corrected = [t.name[:-len(LQER_SUFFIXES[0])] for t in tensors if t.name.endswith(LQER_SUFFIXES[0])]
     if corrected:
         meta["lqer"] = corrected  # their factors follow the parameters in the table, a then b for each
+    if scaled:
+        meta["awq"] = [t.name for t in scaled]  # their column scales follow the LQER factors, in this order
     if eval_settings is not None:
         meta["eval"] = eval_settings
     quantized = [t for t in tensors if t.bits != 16]
@@ -2485,8 +2512,9 @@ def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact", parse
     meta, table, codes, scale_codes, tops, plain = parsed or parse_artifact(blob, source)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     corrected = meta.get("lqer", [])  # LQER: their factors' shapes come from the table, their names from here
-    factor_names = [n + suffix for n in corrected for suffix in LQER_SUFFIXES]
-    params += list(zip(factor_names, (s for _, s in table[len(params):])))
+    scaled = meta.get("awq", [])  # AWQ_ALPHA: so do their column scales'
+    extra_names = [n + suffix for n in corrected for suffix in LQER_SUFFIXES] + [n + AWQ_SUFFIX for n in scaled]
+    params += list(zip(extra_names, (s for _, s in table[len(params):])))
     if (len(table) != len(params) or meta["names_digest"] != names_digest((n, list(s)) for n, s in params)
             or [s for _, s in table] != [s for _, s in params]):
         raise ArtifactError(f"{source} was made for a different network shape than the one built from its config.")
@@ -2501,6 +2529,8 @@ def load_artifact_state(blob: bytes, model: GPT, source: str = "artifact", parse
                                 scale_top=float(tops[k]), scale_codes=np.frombuffer(scale_codes, dtype=np.uint8, count=shape[0], offset=r))
             out[name] = t.dequantize()
             c, r, k = c + n, r + shape[0], k + 1
+    for name in scaled:  # AWQ_ALPHA: the codes were of W diag(s)
+        out[name] = out[name] / out.pop(name + AWQ_SUFFIX)[None, :]
     for name in corrected:  # LQER: W = Q + A B, A stored transposed
         a, b = (out.pop(name + suffix) for suffix in LQER_SUFFIXES)
         out[name] = out[name] + a.T @ b

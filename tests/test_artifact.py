@@ -496,6 +496,55 @@ def test_lqer_artifact_refuses_a_tampered_correction_list(quantized):
         tg.load_artifact_state(bad, tg.GPT(h), "art.ptz", tuple(parsed))
 
 
+# ------------------------------------------------------------------------------------------------
+# AWQ_ALPHA: activation-aware column scaling before GPTQ
+# ------------------------------------------------------------------------------------------------
+
+
+def test_awq_column_scales_follow_the_input_rms_on_the_stored_grid():
+    H = torch.diag(torch.tensor([4.0, 1.0, 0.0, 16.0, 2.25]))[None]  # input RMS 2, 1, 0 (dead), 4, 1.5
+    s = tg.awq_column_scales(H, 0.5)[0]
+    rms = np.array([2.0, 1.0, 0.0, 4.0, 1.5])
+    want = np.clip(0.5 * np.log2(np.maximum(rms / rms.mean(), 2.0 ** -32)), -4, 4)
+    want = np.float16(2.0 ** (np.round(16 * want) / 16)).astype(np.float32)
+    assert np.array_equal(s.numpy(), want)
+    assert s[2] == 2.0 ** -4  # an input that never fires gets the smallest scale
+    assert torch.equal(tg.awq_column_scales(H, 0.5), tg.awq_column_scales(H.double(), 0.5))
+
+
+def test_awq_scales_travel_with_the_codes_and_compose_with_lqer(quantized):
+    base_h, model, hessians, plain_tensors = quantized
+    assert all(t.col_scale is None for t in plain_tensors)  # AWQ_ALPHA=0: nothing changes, nothing is stored
+    assert "awq" not in tg.parse_artifact(tg.serialize_artifact(plain_tensors, base_h.model_config(), "brotli"))[0]
+    h = base_h.replace(awq_alpha=0.5)
+    tensors, _ = tg.quantize_model(model, hessians, h)
+    scaled = [t for t in tensors if t.col_scale is not None]
+    gptq_names = {t.name for t in plain_tensors if t.bits != 16} - {"tok_emb.weight", "lm_head.weight"}
+    assert {t.name for t in scaled} == gptq_names and gptq_names  # every GPTQ matrix but the embedding
+    blob = tg.serialize_artifact(tensors, h.model_config(), "brotli")
+    assert tg.parse_artifact(blob)[0]["awq"] == [t.name for t in scaled]
+    state = tg.load_artifact_state(blob, tg.GPT(h))
+    tg.GPT(h).load_state_dict(state, strict=True)  # the scales are divided out, not extra parameters
+    for t in tensors:
+        assert torch.equal(state[t.name], t.dequantize()), t.name  # the loader divides by the stored scales
+    # the layer outputs stay about as close to the float model's as without AWQ (GPTQ sees the same outputs)
+    weights, plain_state = dict(model.named_parameters()), tg.load_artifact_state(
+        tg.serialize_artifact(plain_tensors, base_h.model_config(), "brotli"), tg.GPT(base_h))
+    for name in gptq_names:
+        H = hessians[tg.hessian_key(name)]
+        W = weights[name].detach()
+        assert weighted_error(W, state[name], H) < 1.5 * weighted_error(W, plain_state[name], H), name
+    # with LQER on top, the correction is of the scaled matrix's error: W = Q diag(s)^-1 + A B
+    h2 = base_h.replace(awq_alpha=0.5, lqer_rank=2, lqer_top_k=2)
+    tensors2, _ = tg.quantize_model(model, hessians, h2)
+    state2 = tg.load_artifact_state(tg.serialize_artifact(tensors2, h2.model_config(), "brotli"), tg.GPT(h2))
+    corrected = [t.name[:-len(".lqer_a")] for t in tensors2 if t.name.endswith(".lqer_a")]
+    assert len(corrected) == 2
+    for name in corrected:
+        H = hessians[tg.hessian_key(name)]
+        assert weighted_error(weights[name].detach(), state2[name], H) < weighted_error(weights[name].detach(), state[name], H)
+
+
 def test_extra_bit_goes_to_the_groups_with_the_most_error_per_weight(quantized):
     base_h, model, hessians, plain_tensors = quantized
     h = base_h.replace(matrix_extra_bit_top_k=2)
