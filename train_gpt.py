@@ -949,8 +949,8 @@ def documents(ids: Tensor, doc_mask: bool, span: int | None, flex: bool) -> Docu
     blocks as an input (a new layout does not recompile them). Built inside the compiled graph it was wrong on
     the H200 (PyTorch 2.11; most likely the sorts that order the tile lists, which inductor turns into Triton
     sort kernels) and the loss became NaN at step 3; bench/flex_check.py shows the in-graph mask's errors and
-    the eager mask's agreement with masked SDPA. flex: the runtime compiles the blocks; no tile mask for lengths that are not a
-    multiple of FLEX_BLOCK, or for CPU training (flex has no CPU backward)."""
+    the eager mask's agreement with masked SDPA. flex: the runtime compiles the blocks; no tile mask for
+    lengths that are not a multiple of FLEX_BLOCK, or for CPU training (flex has no CPU backward)."""
     doc = document_ids(ids, doc_mask, span)
     usable = flex and ids.size(1) % FLEX_BLOCK == 0 and (ids.is_cuda or not torch.is_grad_enabled())
     return Documents(doc, document_block_mask(doc) if usable else None)

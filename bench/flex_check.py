@@ -50,7 +50,7 @@ def layouts(rows: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor
     }
 
 
-def run_case(name, q, k, v, grad_out, doc, attention) -> dict:
+def run_case(q, k, v, grad_out, doc, attention) -> dict:
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = attention(q, k, v, doc)
     out.backward(grad_out)
@@ -87,17 +87,17 @@ def main() -> int:
 
     ways = {"train_gpt": script_way, "in_graph": compiled_in_graph, "create_block_mask": reference_mask}
     for layout, ids in layouts(args.rows, args.seq, gen).items():
-        doc = tg.documents(ids.to(dev), True, None, flex=True).ids
+        doc = tg.document_ids(ids.to(dev))
         q = torch.randn(args.rows, args.seq, H, D, device=dev, dtype=torch.bfloat16)
         k = torch.randn(args.rows, args.seq, Hkv, D, device=dev, dtype=torch.bfloat16)
         v = torch.randn(args.rows, args.seq, Hkv, D, device=dev, dtype=torch.bfloat16)
         grad_out = torch.randn(args.rows, args.seq, H, D, device=dev, dtype=torch.bfloat16)
-        ref = run_case("sdpa", q.float(), k.float(), v.float(), grad_out.float(), doc,
+        ref = run_case(q.float(), k.float(), v.float(), grad_out.float(), doc,
                        lambda q, k, v, doc: tg.document_attention(q, k, v, tg.Documents(doc, None), flex=False))
         for way, attention in ways.items():
             row = {"layout": layout, "way": way}
             try:
-                got = run_case(way, q, k, v, grad_out, doc, attention)
+                got = run_case(q, k, v, grad_out, doc, attention)
                 for key in ("out", "dq", "dk", "dv"):
                     row[f"{key}_max_err"] = round(float((got[key] - ref[key]).abs().max()), 5)
                     row[f"{key}_ref_max"] = round(float(ref[key].abs().max()), 3)

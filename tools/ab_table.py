@@ -19,7 +19,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.logparse import RunLog, parse_log
+from tools.logparse import RunLog, parse_text
 
 STAGE_COLUMNS = ("pre_quant", "quantized", "sliding", "ttt")
 FIRST_TIMED_STEP = 50  # the first steps include the allocator's and the compiled graphs' first calls
@@ -45,7 +45,7 @@ def throughput(log: RunLog, text: str) -> tuple[float | None, float | None]:
 
 def summary(path: str) -> dict:
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    log = parse_log(path)
+    log = parse_text(text, path)  # one read: the throughput needs the raw lines too
     if not log.complete or log.seed is None:
         raise ValueError(f"{path}: not a complete seed log (no run_complete line or no SEED)")
     row = {"seed": log.seed, "steps": log.steps, "bytes": log.total_bytes,
