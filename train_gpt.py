@@ -195,7 +195,7 @@ SETTINGS: list[Setting] = [
     _s("ATTN_GATE_DIMS", int, 12, "ours: input channels the attention output gate reads", min=1),
     _s("SMEAR_GATE", bool, True, "ours: BOS-safe previous-token mixing at the input, gated from SMEAR_GATE_DIMS channels"),
     _s("SMEAR_GATE_DIMS", int, 12, "ours: input channels the smear gate reads", min=1),
-    _s("DOC_MASK", bool, False, "ours: attention stays inside each document (a BOS_ID token starts one), in training and evaluation; flex attention when compiled, SDPA with a mask otherwise"),
+    _s("DOC_MASK", bool, True, "ours: attention stays inside each document (a BOS_ID token starts one), in training and evaluation; flex attention when compiled, SDPA with a mask otherwise"),
     # --- optimizer
     _s("TIED_EMBED_LR", float, 0.03, "AdamW LR of the tied embedding", min=0),
     _s("EMBED_LR", float, 0.6, "AdamW LR of the embedding when untied", min=0),
@@ -270,6 +270,8 @@ SMALL_PRESET = {
     "VAL_BATCH_TOKENS": 16384, "MUON_MOMENTUM_WARMUP_STEPS": 50, "EMA_DECAY": 0.97,
     "GPTQ_CALIBRATION_BATCHES": 8, "MATRIX_LR": 0.04, "TTT_ENABLED": True,
     "TTT_CHUNK_TOKENS": 8192, "EVAL_BATCH_SEQS": 32, "TTT_BATCH_SEQS": 8, "QUANT_MIN_NUMEL": 4096,
+    # SDPA with a dense mask per call on CPU is slow, and the CPU runs gain nothing from it
+    "DOC_MASK": False,
 }
 
 
