@@ -732,30 +732,38 @@ def _publish(staging: Path, folder: Path, tokenizer_path: Path, tok: Tokenizer, 
     atomic_write_bytes(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
-def validation_count(args: argparse.Namespace, train_files: list[Path], sources: set[str] | None) -> int:
-    """How many leading documents of --input are validation (--val-docs N or --val-frac F), checked to leave
-    training at least one document: SentencePiece and the train split both need one."""
+def validation_split(args: argparse.Namespace, train_files: list[Path], sources: set[str] | None) -> tuple[int, int]:
+    """Which documents of --input are validation, as (start, stop) in file order: the first N (--val-docs N),
+    the first fraction F (--val-frac F) or the last N (--val-last N: a held-out set whose documents lie past
+    the text a tokenizer trained on the first megabytes of the file has seen). Checked to leave training at
+    least one document: SentencePiece and the train split both need one."""
     if args.val_frac is not None:
         if not 0 < args.val_frac < 1:
             raise DataError(f"--val-frac {args.val_frac:g} must be between 0 and 1 (e.g. 0.03 for the first 3 %)")
         total = sum(1 for _ in read_documents(train_files, sources))
         count = max(1, round(args.val_frac * total))
+        given = f"--val-frac {args.val_frac:g}"
+    elif args.val_last is not None:
+        count = args.val_last
+        total = sum(1 for _ in read_documents(train_files, sources))
+        given = f"--val-last {count}"
     else:
         count = args.val_docs
         total = sum(1 for _ in itertools.islice(read_documents(train_files, sources), count + 1))
+        given = f"--val-docs {count}"
     if count >= total:
-        given = f"--val-frac {args.val_frac:g}" if args.val_frac is not None else f"--val-docs {count}"
+        exact = args.val_docs is None
         raise DataError(f"{given} would make every document of --input validation ({total} "
-                        f"document{'s' if total != 1 else ''}{'' if args.val_frac is not None else ' or fewer'}), "
+                        f"document{'s' if total != 1 else ''}{'' if exact else ' or fewer'}), "
                         "leaving none for training; give fewer, e.g. --val-frac 0.03 (the first 3 %), "
                         "or separate validation files with --val-input")
-    return count
+    return (total - count, total) if args.val_last is not None else (0, count)
 
 
 def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
     shards = args.input_shards is not None
     if shards:
-        given = [f"--{name.replace('_', '-')}" for name in ("val_input", "val_docs", "val_frac", "source")
+        given = [f"--{name.replace('_', '-')}" for name in ("val_input", "val_docs", "val_frac", "val_last", "source")
                  if getattr(args, name) is not None]
         if given:
             raise DataError(f"--input-shards takes val from the fineweb_val_*.bin shards and train from fineweb_train_*.bin, "
@@ -765,13 +773,13 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
                             "(for the challenge's FineWeb shards: ./data/tokenizers/fineweb_8192_bpe.model)")
     elif args.input_tokenizer is not None:
         raise DataError("--input-tokenizer is the tokenizer of --input-shards; text inputs (--input) need none")
-    elif sum(x is not None for x in (args.val_input, args.val_docs, args.val_frac)) != 1:
+    elif sum(x is not None for x in (args.val_input, args.val_docs, args.val_frac, args.val_last)) != 1:
         raise DataError("give the validation documents in one way: --val-input FILE, --val-docs N (the first N "
-                        "documents) or --val-frac F (the first fraction F of the documents)")
+                        "documents), --val-frac F (the first fraction F of the documents) or --val-last N (the last N)")
     for name in ("shard_tokens", "workers", "vocab_size", "tokenizer_train_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("val_docs", "max_train_tokens", "max_val_tokens"):
+    for name in ("val_docs", "val_last", "max_train_tokens", "max_val_tokens"):
         if (getattr(args, name) or 0) < 0:
             raise DataError(f"--{name.replace('_', '-')} must not be negative")
 
@@ -798,10 +806,11 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
             read = {"val": lambda: read_documents(val_files, sources), "train": lambda: read_documents(train_files, sources)}
             inputs = {"train": args.input, "val": args.val_input}
         else:
-            val_count = validation_count(args, train_files, sources)
-            read = {"val": lambda: itertools.islice(read_documents(train_files, sources), val_count),
-                    "train": lambda: itertools.islice(read_documents(train_files, sources), val_count, None)}
-            inputs = {"train": args.input, "val": f"the first {val_count} documents of the train inputs"}
+            start, stop = validation_split(args, train_files, sources)
+            read = {"val": lambda: itertools.islice(read_documents(train_files, sources), start, stop),
+                    "train": lambda: (doc for i, doc in enumerate(read_documents(train_files, sources)) if not start <= i < stop)}
+            which = f"the first {stop}" if start == 0 else f"the last {stop - start} (of {stop})"
+            inputs = {"train": args.input, "val": f"{which} documents of the train inputs"}
 
     # Case ops apply after the split: val holds the same documents with or without them.
     transform = functools.partial(case_documents, workers=args.workers) if args.case_ops else iter
@@ -861,7 +870,7 @@ def text_command(args: argparse.Namespace, argv: list[str]) -> dict:
                       "each document is [BOS=1] + ids, no EOS",
             "command": "python data/prepare.py " + shlex.join(argv),
             "inputs": inputs,
-            "options": {"val_docs": args.val_docs, "val_frac": args.val_frac, "source": sorted(set(args.source)) if args.source else None,
+            "options": {"val_docs": args.val_docs, "val_frac": args.val_frac, "val_last": args.val_last, "source": sorted(set(args.source)) if args.source else None,
                         "shard_tokens": args.shard_tokens, "max_train_tokens": args.max_train_tokens,
                         "max_val_tokens": args.max_val_tokens},
             "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "source": tok.source, "sha256": tok.sha256,
@@ -1027,6 +1036,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-input", nargs="+", metavar="PATH", help="validation documents (all of them, in file order)")
     t.add_argument("--val-docs", type=int, metavar="N", help="or: the first N documents of --input are validation")
     t.add_argument("--val-frac", type=float, metavar="F", help="or: the first fraction F of the documents of --input (0.03 = 3 %%)")
+    t.add_argument("--val-last", type=int, metavar="N", help="or: the last N documents of --input are validation (a held-out "
+                   "set past the text the tokenizers were trained on; bench/gpu_holdout.sh)")
     which = t.add_mutually_exclusive_group(required=True)
     which.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model")
     which.add_argument("--train-tokenizer", action="store_true", help="train one on the train documents with the challenge's settings")

@@ -124,7 +124,21 @@ def test_val_frac_takes_the_leading_fraction_of_the_documents(tmp_path, sp):
     assert np.array_equal(split_tokens(out, "train"), expected_tokens(sp, texts[4:]))
 
 
-@pytest.mark.parametrize("how", [["--val-docs", 1000], ["--val-docs", 30], ["--val-frac", 0.99]])
+def test_val_last_holds_out_the_trailing_documents(tmp_path, sp):
+    # The held-out check of bench/gpu_holdout.sh: the last N documents are validation, the rest train, in order,
+    # and the manifest says which documents the val split is.
+    texts = make_docs(25, seed=6)
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    out = tmp_path / "out"
+    assert run(["text", "--input", src, "--val-last", 6, "--tokenizer", SAMPLE_TOKENIZER, "--out", out]) == 0
+    assert np.array_equal(split_tokens(out, "val"), expected_tokens(sp, texts[19:]))
+    assert np.array_equal(split_tokens(out, "train"), expected_tokens(sp, texts[:19]))
+    manifest = json.loads((out / "datasets/fineweb10B_sp8192/manifest.json").read_text())
+    assert manifest["inputs"]["val"] == "the last 6 (of 25) documents of the train inputs"
+    assert manifest["options"]["val_last"] == 6
+
+
+@pytest.mark.parametrize("how", [["--val-docs", 1000], ["--val-docs", 30], ["--val-frac", 0.99], ["--val-last", 30]])
 def test_validation_taking_every_document_is_refused_before_tokenizer_training(tmp_path, capsys, how):
     # The README's example (--val-docs 1000) on a small corpus used to crash inside SentencePiece.
     src = write_jsonl(tmp_path / "docs.jsonl", make_docs(30, seed=5))
