@@ -5,9 +5,7 @@
 # protocol trains and scores on the case-operator shards (data_case/: issue 16, item 8, kept); CASE_OPS=0 uses
 # the plain shards (data_corpus/) as before. The val documents and their counted bytes are the same in both.
 export CASE_OPS=${CASE_OPS:-1}  # before the setup, which builds data_case/ only when it is set
-source bench/device_setup.sh
-data=data_corpus; [ "$CASE_OPS" = 1 ] && data=data_case
-[ "${HOLDOUT:-0}" = 1 ] && data=${data/data_/data_holdout_}  # bench/gpu_holdout.sh: the held-out split as val
+source bench/device_setup.sh  # sets $data: data_case/, data_corpus/, or with HOLDOUT=1 (bench/gpu_holdout.sh) a held-out folder
 envs=(DATA_DIR=$data TRAIN_BATCH_TOKENS=196608 MAX_WALLCLOCK_SECONDS=180 MUON_MOMENTUM_WARMUP_STEPS=150
       EMA_DECAY=0.97 GPTQ_CALIBRATION_BATCHES=16 TTT_ENABLED=1 TRAIN_LOG_EVERY=50 MODEL_PATH=/tmp/final_model.pt
       ARTIFACT_PATH=/tmp/final_model.int6.ptz LOGS_DIR=/tmp/logs ${PROTO_EXTRA:-})

@@ -11,6 +11,7 @@ case $kind in
   eval) script=bench/eval_sweep.py; input=/tmp/final_model.int6.ptz ;;
   quant) script=bench/quant_sweep.py; input=/tmp/final_model.pt ;;
 esac
-data=data_case; [ "${CASE_OPS:-1}" = 0 ] && data=data_corpus  # the shards the protocol run used
+export CASE_OPS=${CASE_OPS:-1}  # the protocol's default
+source bench/device_setup.sh  # sets $data to the shards the protocol run used (built already: nothing to do)
 DATA_DIR=$data TRAIN_BATCH_TOKENS=196608 GPTQ_CALIBRATION_BATCHES=16 PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \
   python3 $script $input "$@" --budget "$budget" 2>&1 | tee "$OUT/${kind}_sweep.log" | grep -E '^\{|Error|error'
